@@ -1,0 +1,1 @@
+"""Stage one: frozen backbones, sampled views and Zarr feature stores."""

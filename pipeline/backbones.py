@@ -1,0 +1,225 @@
+"""The registry of frozen backbones and their patch-token forward pass.
+
+Every backbone is a timm VisionTransformer plus a ``CheckpointFormat`` saying how its official
+release file maps onto it. Adding one is a single ``register(BackboneSpec(...))``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoints import CheckpointError, CheckpointFormat, load_strict, read_state_dict, sha256_file
+from .views import asy_grid_size
+
+RANDOM = "random"
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A backbone: the timm architecture, its options, and its release's checkpoint format."""
+
+    name: str
+    timm_name: str
+    checkpoint: CheckpointFormat
+    model_kwargs: dict = field(default_factory=dict)
+    image_size: int = 224
+    description: str = ""
+
+
+BACKBONES: dict[str, BackboneSpec] = {}
+
+
+def register(spec: BackboneSpec) -> BackboneSpec:
+    if spec.name in BACKBONES:
+        raise ValueError(f"backbone '{spec.name}' is registered twice")
+    BACKBONES[spec.name] = spec
+    return spec
+
+
+register(BackboneSpec(
+    "mae_vitb", "vit_base_patch16_224.mae",
+    CheckpointFormat(container="model", drop=("decoder", "mask_token")),
+    description="MAE ViT-B/16 (mae_pretrain_vit_base.pth)",
+))
+register(BackboneSpec(
+    "ijepa_vitb", "vit_base_patch16_224",
+    CheckpointFormat(container="encoder", keep_prefix="module."),
+    model_kwargs=dict(class_token=False, global_pool="avg", fc_norm=False),
+    description="I-JEPA ViT-B/16 (encoder of the training checkpoint)",
+))
+register(BackboneSpec(
+    "mocov3_vitb", "vit_base_patch16_224",
+    CheckpointFormat(container="state_dict", keep_prefix="module.momentum_encoder.", drop=("head.",)),
+    description="MoCo v3 ViT-B/16, momentum encoder (vit-b-300ep.pth.tar)",
+))
+register(BackboneSpec(
+    "clip_vitb", "vit_base_patch16_clip_quickgelu_224.openai",
+    CheckpointFormat(torchscript=True, timm_filter=True, drop=("head.",)),
+    description="OpenAI CLIP ViT-B/16 image tower (ViT-B-16.pt, TorchScript)",
+))
+register(BackboneSpec(
+    "blip_vitb", "vit_base_patch16_224",
+    CheckpointFormat(container="model", keep_prefix="visual_encoder.", timm_filter=True,
+                     filter_kwargs=dict(antialias=False)),
+    description="BLIP ViT-B/16 visual encoder (model_base_retrieval_coco.pth, 384 px)",
+))
+register(BackboneSpec(
+    "dino_vitb", "vit_base_patch16_224.dino",
+    CheckpointFormat(),
+    description="DINO ViT-B/16 (dino_vitbase16_pretrain.pth)",
+))
+register(BackboneSpec(
+    "ibot_vitb", "vit_base_patch16_224",
+    CheckpointFormat(container="state_dict", drop=("head.",)),
+    description="iBOT ViT-B/16 teacher (checkpoint_teacher.pth)",
+))
+register(BackboneSpec(
+    "dinov2_vitb", "vit_base_patch16_224",
+    CheckpointFormat(container="teacher", keep_prefix="backbone.", rename=((r"^blocks\.\d+\.(\d+)\.", r"blocks.\1."),),
+                     timm_filter=True),
+    model_kwargs=dict(reg_tokens=4, no_embed_class=True, init_values=1e-5),
+    description="DINOv2 ViT-B/16 with 4 registers, the Co-Settle authors' ImageNet run (training checkpoint)",
+))
+register(BackboneSpec(
+    "dinov2_vitb14", "vit_base_patch14_dinov2.lvd142m",
+    CheckpointFormat(dinov2_pos_resize=True, timm_filter=True),
+    description="DINOv2 ViT-B/14 official release (dinov2_vitb14_pretrain.pth)",
+))
+
+
+class Backbone(torch.nn.Module):
+    """A frozen ViT returning last-block patch tokens (after the final norm, prefix tokens dropped)."""
+
+    def __init__(self, spec: BackboneSpec, model: torch.nn.Module, weights: str, weights_sha256: str):
+        super().__init__()
+        self.spec = spec
+        self.model = model.eval().requires_grad_(False)
+        self.weights = weights
+        self.weights_sha256 = weights_sha256
+        self.patch_size = model.patch_embed.patch_size[0]
+        self.grid = model.patch_embed.grid_size[0]
+        self.dim = model.embed_dim
+        self.num_prefix = model.num_prefix_tokens
+        self._asy_cache: dict = {}
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def image_size(self) -> int:
+        return self.grid * self.patch_size
+
+    def _patch_pos_grid(self) -> torch.Tensor:
+        """The positional embedding of the patch tokens as [1, D, g, g]."""
+        pos = self.model.pos_embed
+        if not self.model.no_embed_class:
+            pos = pos[:, self.num_prefix :]
+        g = self.grid
+        return pos.reshape(1, g, g, -1).permute(0, 3, 1, 2)
+
+    def patch_pos(self, h: int, w: int) -> torch.Tensor:
+        """Patch positional embedding [1, h*w, D] for an h x w grid (bicubic when resized)."""
+        grid = self._patch_pos_grid()
+        if (h, w) != (self.grid, self.grid):
+            grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False).to(grid.dtype)
+        return grid.flatten(2).transpose(1, 2)
+
+    def asy_patch_pos(self, offsets: torch.Tensor, asy_ratio: float) -> torch.Tensor:
+        """Asymmetric positional embedding [B, g*g, D]: the g x g window at each (oy, ox) of the
+        embedding grid enlarged bicubically to S x S, S = int((1 + asy_ratio) * g)."""
+        s = asy_grid_size(self.grid, asy_ratio)
+        key = (s, self.model.pos_embed.device, self.model.pos_embed.dtype)
+        if key not in self._asy_cache:
+            big = F.interpolate(self._patch_pos_grid().float(), size=(s, s), mode="bicubic", align_corners=False)
+            self._asy_cache = {key: big.to(self.model.pos_embed.dtype)[0]}
+        big = self._asy_cache[key]
+        g = self.grid
+        offsets = offsets.tolist()
+        if any(not (0 <= oy <= s - g and 0 <= ox <= s - g) for oy, ox in offsets):
+            raise ValueError(f"asymmetric offsets must lie in [0, {s - g}], got {offsets}")
+        windows = [big[:, oy : oy + g, ox : ox + g] for oy, ox in offsets]
+        return torch.stack(windows).flatten(2).transpose(1, 2)
+
+    @torch.no_grad()
+    def patch_features(self, images: torch.Tensor, asy_offset=None, asy_ratio: float = 10.0) -> torch.Tensor:
+        """Patch tokens [B, h*w, D] of normalised images [B, 3, H, W] (H, W multiples of the patch).
+
+        ``asy_offset``: None for the standard embedding, one (oy, ox) for the whole batch, or a
+        [B, 2] tensor of per-image offsets for the asymmetric window (training-size input only).
+        """
+        b, _, hh, ww = images.shape
+        p = self.patch_size
+        if hh % p or ww % p:
+            raise ValueError(f"image size {hh}x{ww} is not a multiple of the patch size {p}")
+        h, w = hh // p, ww // p
+        if asy_offset is None:
+            pos = self.patch_pos(h, w)
+        else:
+            if (h, w) != (self.grid, self.grid):
+                raise ValueError(f"the asymmetric embedding needs {self.image_size}px input, got {hh}x{ww}")
+            offsets = torch.as_tensor(asy_offset).reshape(-1, 2)
+            if offsets.shape[0] == 1:
+                offsets = offsets.expand(b, 2)
+            pos = self.asy_patch_pos(offsets, asy_ratio)
+        return self._tokens(images, pos)
+
+    def _tokens(self, images: torch.Tensor, patch_pos: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        x = m.patch_embed(images)  # [B, h, w, D] with dynamic_img_size
+        x = x.reshape(x.shape[0], -1, x.shape[-1]) + patch_pos.to(x.dtype)
+        prefix = []
+        if m.cls_token is not None:
+            prefix.append(m.cls_token.expand(x.shape[0], -1, -1))
+        if m.reg_token is not None:
+            prefix.append(m.reg_token.expand(x.shape[0], -1, -1))
+        if prefix:
+            prefix = torch.cat(prefix, dim=1)
+            if not m.no_embed_class:
+                prefix = prefix + m.pos_embed[:, : self.num_prefix]
+            x = torch.cat([prefix, x], dim=1)
+        x = m.norm(m.blocks(m.norm_pre(x)))
+        return x[:, self.num_prefix :]
+
+
+def create_model(name: str, arch: dict | None = None) -> torch.nn.Module:
+    """The timm model of a registered backbone, randomly initialised (seed 0) and not loaded.
+
+    ``arch`` overrides architecture options (e.g. a tiny depth/width for tests).
+    """
+    import timm
+
+    spec = get_spec(name)
+    kwargs = dict(spec.model_kwargs, num_classes=0, img_size=spec.image_size, dynamic_img_size=True)
+    kwargs.update(arch or {})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return timm.create_model(spec.timm_name, pretrained=False, **kwargs)
+
+
+def get_spec(name: str) -> BackboneSpec:
+    if name not in BACKBONES:
+        raise KeyError(f"unknown backbone '{name}'; known: {', '.join(BACKBONES)}")
+    return BACKBONES[name]
+
+
+def load_backbone(name: str, weights: str | Path, device: str | torch.device = "cpu", arch: dict | None = None) -> Backbone:
+    """A frozen backbone with its official weights loaded strictly.
+
+    ``weights`` is the release file, or ``"random"`` for the seed-0 random initialisation (the
+    only way to get random weights; it is recorded as such).
+    """
+    spec = get_spec(name)
+    model = create_model(name, arch)
+    if str(weights) == RANDOM:
+        label, digest = RANDOM, RANDOM
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such weights file (pass --weights random for random weights)")
+        load_strict(model, read_state_dict(path, spec.checkpoint, model), path, name)
+        label, digest = path.name, sha256_file(path)
+    return Backbone(spec, model, label, digest).to(device)

@@ -1,0 +1,209 @@
+"""Stage one: run a frozen backbone over sampled views of every video and fill a feature store.
+
+Decoding and the view transforms run in DataLoader workers, the forward pass in the main process
+(batched, autocast on CUDA), and block writes in a background thread, so the three overlap.
+Work is split into blocks of ``chunk_videos`` videos; shard i of n owns blocks c with c % n == i.
+"""
+from __future__ import annotations
+
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .backbones import Backbone, load_backbone
+from .store import TOKEN_ARRAYS, FeatureStore, StoreSettings, create_or_open, videos_digest
+from .transforms import apply_view
+from .videos import VideoError, discover_videos, open_video
+from .views import CLIP_GAP, CROP_RATIO, CROP_SCALE, View, sample_views, video_rng
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Settings of one extraction run (one shard)."""
+
+    videos: Path
+    out: Path
+    backbone: str
+    weights: str
+    root: Path | None = None
+    views: int = 5
+    seed: int = 0
+    batch_size: int = 64
+    device: str = "auto"
+    amp: str = "bf16"
+    workers: int = 2
+    shard: tuple[int, int] = (0, 1)
+    resume: bool = False
+    overwrite: bool = False
+    chunk_videos: int = 16
+    dtype: str = "float16"
+    compressor: str = "none"
+    asy_ratio: float = 10.0
+    clip_gap: float = CLIP_GAP
+    arch: dict | None = None  # tiny architectures for tests
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class VideoViews(Dataset):
+    """Item i: the K sampled views of one video, as pixels ready for the backbone, or the error."""
+
+    def __init__(self, root: Path, videos: list[tuple[int, str]], cfg: ExtractConfig, image_size: int, grid: int):
+        self.root, self.videos, self.cfg = root, videos, cfg
+        self.image_size, self.grid = image_size, grid
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def __getitem__(self, i: int) -> dict:
+        index, rel = self.videos[i]
+        item = {"video_index": index, "video": rel, "num_frames": None, "views": None, "images": None, "error": None}
+        try:
+            video = open_video(self.root / rel)
+            item["num_frames"] = len(video)
+            views = sample_views(
+                len(video), self.cfg.views, video_rng(self.cfg.seed, rel), image_size=self.image_size,
+                grid=self.grid, asy_ratio=self.cfg.asy_ratio, clip_gap=self.cfg.clip_gap,
+            )
+            wanted = sorted({f for v in views for f in (v.frame_a, v.frame_b)})
+            frames = dict(zip(wanted, video.get(wanted)))
+            item["images"] = torch.stack(
+                [apply_view(np.stack([frames[v.frame_a], frames[v.frame_b]]), v, self.image_size) for v in views]
+            )  # [K, 2, 3, S, S]
+            item["views"] = views
+        except VideoError as e:
+            item["error"] = str(e)
+        return item
+
+
+def _manifest_rows(item: dict, k: int, status: str) -> list[dict]:
+    views: list[View] | None = item["views"]
+    rows = []
+    for j in range(k):
+        row = {"video_index": item["video_index"], "video": item["video"], "view": j,
+               "num_frames": item["num_frames"], "status": status}
+        row.update(views[j].as_row() if views else dict.fromkeys(View.__dataclass_fields__))
+        rows.append(row)
+    return rows
+
+
+MANIFEST_SCHEMA = pa.schema([
+    ("video_index", pa.int64()), ("video", pa.string()), ("view", pa.int32()), ("num_frames", pa.int64()),
+    ("status", pa.string()), ("frame_a", pa.int64()), ("frame_b", pa.int64()), ("crop_top", pa.int32()),
+    ("crop_left", pa.int32()), ("crop_h", pa.int32()), ("crop_w", pa.int32()), ("flip", pa.bool_()),
+    ("asy_oy", pa.int32()), ("asy_ox", pa.int32()),
+])
+
+
+class BlockForward:
+    """Runs the backbone over a block's images in fixed-size batches."""
+
+    def __init__(self, backbone: Backbone, cfg: ExtractConfig, device: torch.device):
+        self.backbone, self.cfg, self.device = backbone, cfg, device
+        self.amp = AMP_DTYPES[cfg.amp] if device.type == "cuda" else None
+
+    def __call__(self, images: torch.Tensor, offsets: torch.Tensor | None) -> np.ndarray:
+        out = []
+        for s in range(0, len(images), self.cfg.batch_size):
+            x = images[s : s + self.cfg.batch_size].to(self.device, non_blocking=True)
+            off = None if offsets is None else offsets[s : s + self.cfg.batch_size]
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                f = self.backbone.patch_features(x, asy_offset=off, asy_ratio=self.cfg.asy_ratio)
+            out.append(f.to(getattr(torch, self.cfg.dtype)).cpu())
+        return torch.cat(out).numpy()
+
+
+def _block_tokens(items: list[dict], forward: BlockForward, k: int, rows: int, lo: int, shape: tuple, dtype: str):
+    """Tokens [K, rows, T, D] for A, B and A_asy of the good videos of a block."""
+    tokens = {name: np.zeros((k, rows) + shape, dtype=dtype) for name in TOKEN_ARRAYS}
+    good = [it for it in items if it["error"] is None]
+    if not good:
+        return tokens
+    images = torch.cat([it["images"] for it in good])  # [G*K, 2, 3, S, S]
+    offsets = torch.tensor([[v.asy_oy, v.asy_ox] for it in good for v in it["views"]])
+    ab = forward(images.flatten(0, 1), None).reshape((len(good), k, 2) + shape)
+    asy = forward(images[:, 0], offsets).reshape((len(good), k) + shape)
+    cols = [it["video_index"] - lo for it in good]
+    tokens["a"][:, cols] = ab[:, :, 0].swapaxes(0, 1)
+    tokens["b"][:, cols] = ab[:, :, 1].swapaxes(0, 1)
+    tokens["a_asy"][:, cols] = asy.swapaxes(0, 1)
+    return tokens
+
+
+def store_settings(cfg: ExtractConfig, backbone: Backbone, videos: list[str]) -> StoreSettings:
+    return StoreSettings(
+        backbone=backbone.name, weights=backbone.weights, weights_sha256=backbone.weights_sha256,
+        image_size=backbone.image_size, grid=backbone.grid, dim=backbone.dim, dtype=cfg.dtype, views=cfg.views,
+        clip_gap=cfg.clip_gap, crop_scale=CROP_SCALE, crop_ratio=CROP_RATIO, asy_ratio=cfg.asy_ratio,
+        seed=cfg.seed, num_videos=len(videos), videos_sha256=videos_digest(videos),
+        chunk_videos=cfg.chunk_videos, compressor=cfg.compressor,
+    )
+
+
+def extract(cfg: ExtractConfig) -> FeatureStore:
+    """Fill (this shard's part of) the store at ``cfg.out``; returns the open store."""
+    index, count = cfg.shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count}: the index must lie in [0, {count})")
+    root, videos = discover_videos(cfg.videos, cfg.root)
+    device = resolve_device(cfg.device)
+    backbone = load_backbone(cfg.backbone, cfg.weights, device=device, arch=cfg.arch)
+    store = create_or_open(cfg.out, store_settings(cfg, backbone, videos), videos,
+                           resume=cfg.resume, overwrite=cfg.overwrite, join=count > 1)
+    done = store.done()
+    blocks = [c for c in range(store.num_blocks) if c % count == index and not done[c]]
+    todo = [(i, videos[i]) for c in blocks for i in range(*store.block_rows(c))]
+    if not todo:
+        tqdm.write(f"{cfg.out}: shard {index}/{count} has nothing left to do")
+        store.mark_complete_if_done()
+        return store
+
+    loader = DataLoader(
+        VideoViews(root, todo, cfg, backbone.image_size, backbone.grid), batch_size=None, shuffle=False,
+        num_workers=cfg.workers, pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers else None,
+    )
+    forward = BlockForward(backbone, cfg, device)
+    shape = (backbone.grid * backbone.grid, backbone.dim)
+    skipped = 0
+    pending: list[Future] = []
+    with ThreadPoolExecutor(max_workers=1) as writer, tqdm(total=len(todo), unit="video", desc=backbone.name,
+                                                           file=sys.stderr) as bar:
+        stream = iter(loader)
+        for c in blocks:
+            lo, hi = store.block_rows(c)
+            items = []
+            for _ in range(hi - lo):
+                item = next(stream)
+                if item["error"] is not None:
+                    skipped += 1
+                    bar.write(f"warning: skipped {item['error']}")
+                items.append(item)
+                bar.update(1)
+            tokens = _block_tokens(items, forward, cfg.views, hi - lo, lo, shape, cfg.dtype)
+            valid = np.array([it["error"] is None for it in items])
+            rows = [r for it in items for r in _manifest_rows(it, cfg.views, "ok" if it["error"] is None
+                                                               else f"skipped: {it['error']}")]
+            while pending and (pending[0].done() or len(pending) >= 2):  # surface errors, bound memory
+                pending.pop(0).result()
+            pending.append(writer.submit(store.write_block, c, tokens, valid,
+                                         pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)))
+        for f in pending:
+            f.result()
+    if store.mark_complete_if_done():
+        tqdm.write(f"{cfg.out}: complete ({len(videos)} videos, {skipped} skipped by this run)")
+    else:
+        tqdm.write(f"{cfg.out}: shard {index}/{count} done ({skipped} skipped); other shards still running")
+    return store

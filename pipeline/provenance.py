@@ -1,0 +1,33 @@
+"""Provenance records: what every store, checkpoint and result says about how it was made."""
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+from importlib.metadata import PackageNotFoundError, version
+
+
+def package_version(name: str = "cosettle") -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def now_utc() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def environment() -> dict:
+    """Versions of cosettle and the libraries that shape its numbers."""
+    return {
+        "cosettle_version": package_version("cosettle"),
+        "torch": package_version("torch"),
+        "timm": package_version("timm"),
+        "zarr": package_version("zarr"),
+        "python": platform.python_version(),
+    }
+
+
+def mismatches(expected: dict, found: dict) -> list[str]:
+    """'key: expected X, found Y' for every key of ``expected`` whose value differs in ``found``."""
+    return [f"{k}: expected {expected[k]!r}, found {found.get(k)!r}" for k in expected if found.get(k) != expected[k]]

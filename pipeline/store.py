@@ -1,0 +1,236 @@
+"""The feature store: a Zarr v3 group of cached backbone tokens, self-describing and shard-safe.
+
+Layout of ``NAME.zarr`` (V videos, K views per video, T tokens of dim D, blocks of C videos):
+
+- ``a``, ``b``, ``a_asy``: [K, V, T, D] tokens of frame a, frame b, and frame a with the asymmetric
+  positional embedding; chunks [1, C, T, D], so epoch e reads view e mod K as whole chunks and the
+  writer of video block c owns every chunk it writes (no two processes share a chunk).
+- ``valid``: [V] bool, False for a video that was skipped (its token rows stay zero).
+- ``done``: [number of blocks] uint8, one chunk per element: block c's completeness flag, set last,
+  after its tokens and its manifest part, by the only process that writes block c.
+- ``videos``: [V] relative video paths, in row order.
+- group attributes ``cosettle_store``: format version, the settings every writer must share,
+  environment versions, creation time, and ``complete`` once every block is done.
+
+Beside it, ``NAME.manifest/part-BLOCK.parquet``: one row per (video, view) with what was sampled.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+from .provenance import environment, mismatches, now_utc
+
+FORMAT = 1
+ATTR = "cosettle_store"
+TOKEN_ARRAYS = ("a", "b", "a_asy")
+COMPRESSORS = ("none", "zstd", "lz4")
+
+
+class StoreError(Exception):
+    """A store that cannot be used as asked; the message names the store and the problem."""
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """Everything that determines a store's content; writers and readers must agree on all of it."""
+
+    backbone: str
+    weights: str
+    weights_sha256: str
+    image_size: int
+    grid: int
+    dim: int
+    dtype: str
+    views: int
+    clip_gap: float
+    crop_scale: tuple[float, float]
+    crop_ratio: tuple[float, float]
+    asy_ratio: float
+    seed: int
+    num_videos: int
+    videos_sha256: str
+    chunk_videos: int
+    compressor: str
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["crop_scale"], d["crop_ratio"] = list(self.crop_scale), list(self.crop_ratio)
+        return d
+
+    @property
+    def tokens(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.num_videos // self.chunk_videos)
+
+
+def videos_digest(videos: list[str]) -> str:
+    """sha256 of the ordered video list: two stores of the same list have the same digest."""
+    return hashlib.sha256("\n".join(videos).encode("utf-8")).hexdigest()
+
+
+def manifest_dir(path: Path) -> Path:
+    return Path(path).with_suffix(".manifest")
+
+
+def _codecs(name: str):
+    if name == "none":
+        return None
+    if name in ("zstd", "lz4"):
+        return zarr.codecs.BloscCodec(cname=name, clevel=3, shuffle="bitshuffle")
+    raise StoreError(f"unknown compressor '{name}'; choose one of {', '.join(COMPRESSORS)}")
+
+
+class FeatureStore:
+    """An open feature store (see the module docstring for the layout)."""
+
+    def __init__(self, path: Path, mode: str = "r"):
+        self.path = Path(path)
+        try:
+            self.group = zarr.open_group(str(self.path), mode=mode, zarr_format=3)
+        except Exception as e:
+            raise StoreError(f"{self.path}: not a Zarr v3 feature store ({type(e).__name__}: {e})") from None
+        meta = self.group.attrs.get(ATTR)
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise StoreError(f"{self.path}: not a cosettle feature store (format {FORMAT} attributes missing)")
+        self.meta = meta
+        self.settings = meta["settings"]
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.settings["num_videos"] // self.settings["chunk_videos"])
+
+    def block_rows(self, block: int) -> tuple[int, int]:
+        """Video rows [lo, hi) of a block."""
+        c = self.settings["chunk_videos"]
+        return block * c, min((block + 1) * c, self.settings["num_videos"])
+
+    def done(self) -> np.ndarray:
+        return self.group["done"][:].astype(bool)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.done().all())
+
+    def videos(self) -> list[str]:
+        return [str(v) for v in self.group["videos"][:]]
+
+    def valid(self) -> np.ndarray:
+        return self.group["valid"][:]
+
+    def array(self, name: str) -> zarr.Array:
+        return self.group[name]
+
+    def write_block(self, block: int, tokens: dict[str, np.ndarray], valid: np.ndarray, manifest: pa.Table) -> None:
+        """Write one block's tokens [K, rows, T, D], validity and manifest, then mark it done."""
+        lo, hi = self.block_rows(block)
+        for name in TOKEN_ARRAYS:
+            self.group[name][:, lo:hi] = tokens[name]
+        self.group["valid"][lo:hi] = valid
+        mdir = manifest_dir(self.path)
+        mdir.mkdir(exist_ok=True)
+        part = mdir / f"part-{block:06d}.parquet"
+        tmp = part.with_suffix(f".tmp-{uuid.uuid4().hex}")
+        pq.write_table(manifest, tmp)
+        os.replace(tmp, part)  # a reader never sees half a part
+        self.group["done"][block] = 1
+
+    def mark_complete_if_done(self) -> bool:
+        """Record ``complete`` in the attributes once every block is done (idempotent)."""
+        if not self.complete:
+            return False
+        if not self.meta.get("complete"):
+            self.meta = dict(self.meta, complete=True, completed=now_utc())
+            self.group.attrs[ATTR] = self.meta
+        return True
+
+    def manifest(self) -> pa.Table:
+        """The whole manifest (one row per video and view), in row order."""
+        files = sorted(manifest_dir(self.path).glob("part-*.parquet"))
+        if not files:
+            raise StoreError(f"{manifest_dir(self.path)}: no manifest parts")
+        return pa.concat_tables([pq.read_table(f) for f in files]).sort_by([("video_index", "ascending"), ("view", "ascending")])
+
+    def check_complete(self) -> None:
+        """Raise unless every block is done."""
+        done = self.done()
+        if not done.all():
+            missing = np.flatnonzero(~done)
+            raise StoreError(
+                f"{self.path}: incomplete store, {len(missing)} of {len(done)} blocks missing "
+                f"(first: {missing[:5].tolist()}); finish it with cosettle-extract --resume"
+            )
+
+
+def _initialise(path: Path, settings: StoreSettings, videos: list[str]) -> None:
+    """Create a fresh store at ``path`` (which must not exist)."""
+    s = settings
+    g = zarr.open_group(str(path), mode="w-", zarr_format=3)
+    shape = (s.views, s.num_videos, s.tokens, s.dim)
+    chunks = (1, s.chunk_videos, s.tokens, s.dim)
+    for name in TOKEN_ARRAYS:
+        g.create_array(name, shape=shape, chunks=chunks, dtype=s.dtype, fill_value=0,
+                       compressors=_codecs(s.compressor), dimension_names=("view", "video", "token", "channel"))
+    g.create_array("valid", shape=(s.num_videos,), chunks=(s.chunk_videos,), dtype=bool, fill_value=False)
+    g.create_array("done", shape=(s.num_blocks,), chunks=(1,), dtype="uint8", fill_value=0)
+    g.create_array("videos", shape=(s.num_videos,), chunks=(s.num_videos,), dtype=str)[:] = np.array(videos)
+    g.attrs[ATTR] = {"format": FORMAT, "settings": s.as_dict(), "environment": environment(),
+                     "created": now_utc(), "complete": False}
+
+
+def create_or_open(path: Path, settings: StoreSettings, videos: list[str], *, resume: bool, overwrite: bool,
+                   join: bool) -> FeatureStore:
+    """Open the store a writer fills, creating it atomically if it does not exist.
+
+    ``join`` (sharded runs) and ``resume`` accept an existing store with identical settings; a
+    complete store is only replaced with ``overwrite``; any settings difference is an error.
+    """
+    path = Path(path)
+    if overwrite and path.exists():
+        shutil.rmtree(path)
+        shutil.rmtree(manifest_dir(path), ignore_errors=True)
+    if not path.exists():
+        # Build aside and rename: concurrent shards race here, and exactly one rename wins.
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+        _initialise(tmp, settings, videos)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            shutil.rmtree(tmp)
+            if not path.exists():
+                raise
+        else:
+            return FeatureStore(path, mode="r+")
+        join = True  # another shard created it first
+    store = FeatureStore(path, mode="r+")
+    diff = mismatches(settings.as_dict(), store.settings)
+    if diff:
+        raise StoreError(f"{path}: made with other settings ({'; '.join(diff)}); use another path or --overwrite")
+    if store.complete:
+        if not (resume or join):
+            raise StoreError(f"{path}: store is complete; pass --overwrite to rebuild it")
+    elif not (resume or join):
+        raise StoreError(f"{path}: an unfinished store exists; pass --resume to continue it or --overwrite")
+    return store
+
+
+def open_store(path: Path) -> FeatureStore:
+    """Open a finished store for reading; refuses an incomplete one."""
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"{path}: no such feature store")
+    store = FeatureStore(path, mode="r")
+    store.check_complete()
+    return store
