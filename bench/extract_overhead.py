@@ -1,0 +1,90 @@
+"""Extraction overhead: end-to-end cosettle-extract time over pure backbone forward time.
+
+Both are measured in one run on the same synthetic videos and the same sampled views: the
+end-to-end run decodes, transforms, runs the backbone and writes the store; the pure run only
+runs the backbone on the already prepared images, in the same batches. Target: ratio <= 1.2.
+
+    python bench/extract_overhead.py                 # ViT-B/16, CPU
+    python bench/extract_overhead.py --device cuda --videos 256 --batch-size 256
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from cosettle.pipeline.backbones import load_backbone
+from cosettle.pipeline.extract import BlockForward, ExtractConfig, VideoViews, extract, resolve_device
+from cosettle.pipeline.synthetic import moving_scene, write_frame_folder, write_video_file
+from cosettle.pipeline.videos import discover_videos
+
+
+def make_videos(root: Path, count: int, frames: int, height: int, width: int) -> None:
+    """Half mp4 files, half JPEG frame folders, like a Kinetics mix."""
+    for i in range(count):
+        clip, _ = moving_scene(frames, height, width, 2, seed=i)
+        if i % 2:
+            write_video_file(root / f"v{i:04d}.mp4", clip)
+        else:
+            write_frame_folder(root / f"f{i:04d}", clip)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@click.command()
+@click.option("--backbone", default="mae_vitb")
+@click.option("--videos", "count", default=8, help="Synthetic videos.")
+@click.option("--views", default=2)
+@click.option("--frames", default=40, help="Frames per video.")
+@click.option("--size", default=(256, 340), type=(int, int), help="Frame height and width.")
+@click.option("--batch-size", default=16)
+@click.option("--workers", default=1)
+@click.option("--device", default="auto")
+def main(backbone, count, views, frames, size, batch_size, workers, device) -> None:
+    device = resolve_device(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        make_videos(tmp / "videos", count, frames, *size)
+        cfg = ExtractConfig(videos=tmp / "videos", out=tmp / "bench.zarr", backbone=backbone, weights="random",
+                            views=views, batch_size=batch_size, device=str(device), workers=workers,
+                            chunk_videos=min(16, count))
+        bb = load_backbone(backbone, "random", device=device)
+        forward = BlockForward(bb, cfg, device)
+        root, rel = discover_videos(cfg.videos)
+        items = list(VideoViews(root, list(enumerate(rel)), cfg, bb.image_size, bb.grid))
+        images = torch.cat([it["images"] for it in items])
+        offsets = torch.tensor([[v.asy_oy, v.asy_ox] for it in items for v in it["views"]])
+        forward(images[:batch_size].flatten(0, 1), None)  # warm-up (cuDNN, allocator)
+
+        # Same block grouping as the extractor, so the two runs form the same batches.
+        per_block = cfg.chunk_videos * views
+        sync(device)
+        t0 = time.perf_counter()
+        for s in range(0, len(images), per_block):
+            forward(images[s : s + per_block].flatten(0, 1), None)
+            forward(images[s : s + per_block, 0], offsets[s : s + per_block])
+        sync(device)
+        pure = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        extract(cfg)
+        sync(device)
+        end_to_end = time.perf_counter() - t0
+
+    n_images = 3 * count * views
+    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
+          f"backbone {backbone}, {count} videos x {views} views = {n_images} forward images, batch {batch_size}")
+    print(f"pure forward : {pure:8.2f} s  {n_images / pure:8.1f} images/s")
+    print(f"end to end   : {end_to_end:8.2f} s  {n_images / end_to_end:8.1f} images/s "
+          f"(decode + transform + forward + write)")
+    print(f"overhead ratio (end to end / pure forward): {end_to_end / pure:.3f}  (target <= 1.2)")
+
+
+if __name__ == "__main__":
+    main()
