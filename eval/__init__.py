@@ -1,0 +1,1 @@
+"""Evaluation of dense video representations: label propagation, official scorers and analysis metrics."""
