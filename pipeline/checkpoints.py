@@ -55,8 +55,12 @@ def _load_object(path: Path, torchscript: bool):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         kind = "a TorchScript archive" if torchscript else "a weights-only torch checkpoint"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not {kind} ({first})") from None
+        raise CheckpointError(f"{path}: not {kind} ({_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _dinov2_resize_pos_embed(pos: torch.Tensor, grid: tuple[int, int], prefix: int) -> torch.Tensor:
@@ -68,15 +72,34 @@ def _dinov2_resize_pos_embed(pos: torch.Tensor, grid: tuple[int, int], prefix: i
     scale = ((grid[0] + 0.1) / old, (grid[1] + 0.1) / old)
     patch = F.interpolate(patch, scale_factor=scale, mode="bicubic", antialias=False)
     if tuple(patch.shape[-2:]) != tuple(grid):
-        raise CheckpointError(f"positional embedding resized to {tuple(patch.shape[-2:])}, expected {tuple(grid)}")
+        raise ValueError(f"positional embedding resized to {tuple(patch.shape[-2:])}, expected {tuple(grid)}")
     patch = patch.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1).to(pos.dtype)
     return torch.cat([pos[:, :prefix], patch], dim=1)
 
 
-def read_state_dict(path: Path, fmt: CheckpointFormat, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Load ``path`` and convert it to a state dict for ``model`` following ``fmt``."""
+def _check_patch_size(sd: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """Refuse a patch-embedding kernel of another size: timm's filter would silently resample it,
+    turning e.g. a CLIP ViT-B/32 file into a wrong ViT-B/16."""
+    want = tuple(model.patch_embed.patch_size)
+    for key in ("patch_embed.proj.weight", "visual.conv1.weight"):  # timm / OpenAI CLIP names
+        if key in sd and tuple(sd[key].shape[-2:]) != want:
+            raise ValueError(f"{key} has patch size {tuple(sd[key].shape[-2:])}, the backbone needs {want}")
+
+
+def _convert(sd: dict[str, torch.Tensor], fmt: CheckpointFormat, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The layout steps after key selection: DINOv2 position resize, then timm's filter."""
     from timm.models.vision_transformer import checkpoint_filter_fn
 
+    if fmt.dinov2_pos_resize and "pos_embed" in sd:
+        sd["pos_embed"] = _dinov2_resize_pos_embed(sd["pos_embed"], model.patch_embed.grid_size, prefix=1)
+    if fmt.timm_filter:
+        _check_patch_size(sd, model)
+        sd = checkpoint_filter_fn(sd, model, **fmt.filter_kwargs)
+    return sd
+
+
+def read_state_dict(path: Path, fmt: CheckpointFormat, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Load ``path`` and convert it to a state dict for ``model`` following ``fmt``."""
     obj = _load_object(path, fmt.torchscript)
     if fmt.container is not None:
         if not isinstance(obj, dict) or fmt.container not in obj:
@@ -90,10 +113,10 @@ def read_state_dict(path: Path, fmt: CheckpointFormat, model: torch.nn.Module) -
         raise CheckpointError(f"{path}: no key starts with '{fmt.keep_prefix}'")
     for pattern, repl in fmt.rename:
         sd = {re.sub(pattern, repl, k): v for k, v in sd.items()}
-    if fmt.dinov2_pos_resize and "pos_embed" in sd:
-        sd["pos_embed"] = _dinov2_resize_pos_embed(sd["pos_embed"], model.patch_embed.grid_size, prefix=1)
-    if fmt.timm_filter:
-        sd = checkpoint_filter_fn(sd, model, **fmt.filter_kwargs)
+    try:
+        sd = _convert(sd, fmt, model)
+    except Exception as e:  # a foreign layout makes the resize or timm's filter fail with a bare shape error
+        raise CheckpointError(f"{path}: cannot convert to the backbone's layout ({_first_line(e)})") from None
     return {k: v for k, v in sd.items() if not k.startswith(fmt.drop)}
 
 
