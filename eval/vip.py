@@ -1,0 +1,63 @@
+"""VIP semantic part propagation: predictions of every annotated frame and mean IoU over 20 classes.
+
+One confusion matrix gathers every frame of every video, frame 0 included (its prediction is its
+ground truth), at ground-truth resolution. Writes ``<out>/predictions/<video>/<frame>.png``,
+``per_class.csv`` and ``summary.json`` (``mIoU`` and per-class IoU, 0-1 scale).
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from cosettle.eval.datasets import vip_videos
+from cosettle.eval.palette import read_indexed_png, save_indexed_png
+from cosettle.eval.propagation import segment_video
+from cosettle.eval.run import EvalConfig, open_source, write_json, write_record
+from cosettle.eval.segmentation_metrics import VIP_CLASSES, confusion_matrix, miou
+
+NUM_CLASSES = len(VIP_CLASSES)
+
+
+def _size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        return image.height, image.width
+
+
+def evaluate_vip(cfg: EvalConfig, split: str = "val") -> dict:
+    """Propagate every video's frame-0 parts, write the predictions and score mIoU."""
+    videos = vip_videos(cfg.root, split)
+    source, record = open_source(cfg)
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    conf = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+    for video in tqdm(videos, desc="VIP", unit="video", disable=None):
+        out_dir = Path(cfg.out) / "predictions" / video.name
+        first = read_indexed_png(video.labels[0])
+        save_indexed_png(out_dir / f"{video.frames[0].stem}.png", first)
+        conf += confusion_matrix(first, first, NUM_CLASSES)
+        sizes = [_size(p) for p in video.labels[1:]]
+        masks = segment_video(source.features("vip", video), first, cfg.settings, source.patch, sizes)
+        for frame, label, ids in zip(video.frames[1:], video.labels[1:], masks, strict=True):
+            save_indexed_png(out_dir / f"{frame.stem}.png", ids)
+            conf += confusion_matrix(read_indexed_png(label), ids, NUM_CLASSES)
+    per_class, mean = miou(conf)
+    # a class absent from both ground truth and predictions has no IoU (null in the JSON)
+    summary = {"mIoU": mean, "IoU": {name: (float(v) if np.isfinite(v) else None) for name, v in zip(VIP_CLASSES, per_class)}}
+    with open(Path(cfg.out) / "per_class.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", "IoU"])
+        writer.writerows(zip(VIP_CLASSES, per_class.tolist()))
+    np.savetxt(Path(cfg.out) / "confusion.csv", conf, fmt="%d", delimiter=",")
+    write_json(Path(cfg.out) / "summary.json", summary)
+    write_record(cfg.out, "vip", {**record, "split": split}, summary)
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    """Per-class IoU then mIoU, one per line, 3 decimals."""
+    width = max(len(name) for name in summary["IoU"])
+    lines = [f"{name.ljust(width)}  {'n/a' if value is None else f'{value:.3f}'}" for name, value in summary["IoU"].items()]
+    return "\n".join(lines + [f"{'mIoU'.ljust(width)}  {summary['mIoU']:.3f}"])
