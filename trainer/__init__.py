@@ -1,0 +1,1 @@
+"""Stage two: the Co-Settle projection trained from cached backbone tokens."""

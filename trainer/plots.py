@@ -1,0 +1,32 @@
+"""The training plot: loss and cycle accuracy per optimizer step, with epoch means."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .run_dir import EPOCHS_FILE, PLOT_FILE, STEPS_FILE, RunDir  # noqa: E402
+
+PANELS = (("loss", "loss"), ("acc", "cycle accuracy"))
+
+
+def plot_run(run: RunDir) -> None:
+    """Write ``training.png`` from the run's metric files (panels for the metrics it has)."""
+    steps, epochs = run.records(STEPS_FILE), run.records(EPOCHS_FILE)
+    panels = [(k, label) for k, label in PANELS if k in steps[0]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        ax.plot([r["step"] for r in steps], [r[key] for r in steps], lw=0.8, alpha=0.6, label="step")
+        if epochs:
+            ax.plot([r["step"] for r in epochs], [r[key] for r in epochs], "o-", label="epoch mean")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path = run.file(PLOT_FILE)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,84 @@
+"""The trained projection P ("fusion net" of the release), applied to every patch token.
+
+Variants (COSETTLE_METHOD.md section 1): ``linear`` = LN(tanh(W x + b)); ``mlp2`` =
+LN(W2 tanh(W1 x + b1) + b2); ``mlp3`` = LN(W3 tanh(W2 tanh(W1 x + b1) + b2) + b3).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+FUSIONS = {"linear": 1, "mlp2": 2, "mlp3": 3}
+WEIGHTS_FILE = "projection.safetensors"
+CONFIG_FILE = "config.json"
+
+
+class ProjectionError(Exception):
+    """A projection that cannot be built or loaded; the message names the file and the problem."""
+
+
+def build_projection(dim: int, fusion: str = "linear", seed: int = 0) -> nn.Sequential:
+    """A freshly initialised projection [..., dim] -> [..., dim] (Xavier-uniform, zero bias, LN 1/0).
+
+    Initialisation draws from its own seeded generator, so it never depends on global RNG state.
+    """
+    if fusion not in FUSIONS:
+        raise ProjectionError(f"unknown fusion '{fusion}'; choose one of {', '.join(FUSIONS)}")
+    layers: list[nn.Module] = []
+    for i in range(FUSIONS[fusion]):
+        if i:
+            layers.append(nn.Tanh())
+        layers.append(nn.Linear(dim, dim))
+    if fusion == "linear":
+        layers.append(nn.Tanh())  # only the single-layer variant squashes its last linear output
+    layers.append(nn.LayerNorm(dim))
+    net = nn.Sequential(*layers)
+    gen = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight, generator=gen)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return net
+
+
+def projection_dim(state: dict[str, torch.Tensor]) -> int:
+    """Token dim a projection state dict maps (its first Linear's input width)."""
+    return int(state["0.weight"].shape[1])
+
+
+def load_weights(projection: nn.Module, path: Path) -> None:
+    """Load a safetensors state dict strictly; raises ProjectionError naming the file otherwise."""
+    try:
+        state = load_file(str(path))
+    except Exception as e:
+        raise ProjectionError(f"{path}: not a readable safetensors file ({e})") from None
+    try:
+        projection.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ProjectionError(f"{path}: does not fit the projection ({first})") from None
+
+
+def load_projection(run_dir: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """The trained projection of a finished run (eval mode, on ``device``) and the run's config.
+
+    The config dict is the run's ``config.json``: training settings, the feature stores'
+    provenance (backbone, weights digest, views...) and the environment.
+    """
+    run_dir = Path(run_dir)
+    cfg_path, weights = run_dir / CONFIG_FILE, run_dir / WEIGHTS_FILE
+    if not cfg_path.is_file():
+        raise ProjectionError(f"{run_dir}: not a cosettle-train run directory (no {CONFIG_FILE})")
+    if not weights.is_file():
+        raise ProjectionError(f"{run_dir}: no {WEIGHTS_FILE}; the run has not finished (continue it with --resume)")
+    config = json.loads(cfg_path.read_text())
+    projection = build_projection(config["dim"], config["train"]["fusion"])
+    load_weights(projection, weights)
+    return projection.to(device).eval(), config

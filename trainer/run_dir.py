@@ -1,0 +1,165 @@
+"""The run directory: config, metrics, checkpoints and final outputs of one training run.
+
+``runs/NAME/``:
+- ``config.json``: training settings, the feature stores' provenance, environment (at start).
+- ``metrics_steps.jsonl`` / ``metrics_epochs.jsonl``: one line per optimizer step / finished epoch.
+- ``checkpoints/step-NNNNNNNN/`` (``projection.safetensors`` + ``state.pt``: optimizer, scaler and
+  RNG state, tensors and plain containers only) and ``checkpoints/LATEST`` naming the newest.
+- ``projection.safetensors``: the final weights; ``training.png``: loss and cycle accuracy.
+- ``summary.json``: written last; its presence marks the run finished.
+Every file is written aside and renamed into place, so an interrupted run never leaves half a file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from cosettle.pipeline.provenance import mismatches
+
+from .projection import CONFIG_FILE, WEIGHTS_FILE
+
+SUMMARY_FILE = "summary.json"
+PLOT_FILE = "training.png"
+STEPS_FILE = "metrics_steps.jsonl"
+EPOCHS_FILE = "metrics_epochs.jsonl"
+STATE_FILE = "state.pt"
+
+
+class RunError(Exception):
+    """A run directory that cannot be used as asked; the message names it and the problem."""
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = _tmp(path)
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def save_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    tmp = _tmp(path)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+class RunDir:
+    """One run directory (see the module docstring for the layout)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def finished(self) -> bool:
+        return self.file(SUMMARY_FILE).is_file()
+
+    def check(self, identity: dict, *, resume: bool, overwrite: bool) -> None:
+        """Refuse a directory this run must not use (read-only; every DDP rank runs it)."""
+        if overwrite or not self.path.exists() or not any(self.path.iterdir()):
+            return
+        if not self.file(CONFIG_FILE).is_file():
+            raise RunError(f"{self.path}: exists and is not a cosettle-train run; choose another --out or pass --overwrite")
+        if not resume:
+            state = "a finished" if self.finished else "an unfinished"
+            hint = "--overwrite to train again" if self.finished else "--resume to continue it or --overwrite"
+            raise RunError(f"{self.path}: holds {state} run; pass {hint}")
+        found = json.loads(self.file(CONFIG_FILE).read_text())["identity"]
+        if found["dim"] != identity["dim"]:
+            raise RunError(f"{self.path}: cannot resume, its projection has dim {found['dim']} "
+                           f"but the stores' tokens have dim {identity['dim']}")
+        diff = mismatches(identity, found)
+        if diff:
+            raise RunError(f"{self.path}: cannot resume, the run was made with other settings ({'; '.join(diff)})")
+
+    def start(self, config: dict, *, overwrite: bool) -> None:
+        """Create (or, with ``overwrite``, recreate) the directory and write the config if new."""
+        if overwrite and self.path.exists():
+            shutil.rmtree(self.path)
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        if not self.file(CONFIG_FILE).is_file():
+            write_json(self.file(CONFIG_FILE), config)
+
+    def config(self) -> dict:
+        return json.loads(self.file(CONFIG_FILE).read_text())
+
+    # -- metrics -------------------------------------------------------------------------------
+    def append(self, name: str, record: dict) -> None:
+        with open(self.file(name), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def records(self, name: str) -> list[dict]:
+        path = self.file(name)
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop metric lines past ``step`` (written after the checkpoint a resumed run starts from)."""
+        for name in (STEPS_FILE, EPOCHS_FILE):
+            kept = [r for r in self.records(name) if r["step"] <= step]
+            tmp = _tmp(self.file(name))
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.file(name))
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def latest_checkpoint(self) -> Path | None:
+        pointer = self.checkpoints / "LATEST"
+        if not pointer.is_file():
+            return None
+        path = self.checkpoints / pointer.read_text().strip()
+        if not (path / WEIGHTS_FILE).is_file() or not (path / STATE_FILE).is_file():
+            raise RunError(f"{path}: checkpoint named by {pointer} is incomplete")
+        return path
+
+    def save_checkpoint(self, step: int, weights: dict[str, torch.Tensor], metadata: dict[str, str], state: dict) -> Path:
+        """Write a checkpoint aside, point LATEST at it, then delete the older ones."""
+        name = f"step-{step:08d}"
+        final = self.checkpoints / name
+        tmp = _tmp(final)
+        tmp.mkdir()
+        save_weights(tmp / WEIGHTS_FILE, weights, metadata)
+        torch.save(state, tmp / STATE_FILE)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        pointer = self.checkpoints / "LATEST"
+        ptmp = _tmp(pointer)
+        ptmp.write_text(name + "\n")
+        os.replace(ptmp, pointer)
+        for old in self.checkpoints.iterdir():
+            if old.is_dir() and old.name != name:
+                shutil.rmtree(old)
+        return final
+
+    def load_checkpoint(self, path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+        """(weights, state) of a checkpoint; state is loaded with ``weights_only=True``."""
+        try:
+            weights = load_file(str(path / WEIGHTS_FILE))
+            state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise RunError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+        return weights, state
+
+    # -- final outputs -------------------------------------------------------------------------
+    def save_final_weights(self, weights: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+        save_weights(self.file(WEIGHTS_FILE), weights, metadata)
+        return self.file(WEIGHTS_FILE)
+
+    def write_summary(self, summary: dict) -> None:
+        """The last file a run writes: from here on it counts as finished."""
+        write_json(self.file(SUMMARY_FILE), summary)
+
+    def summary(self) -> dict:
+        return json.loads(self.file(SUMMARY_FILE).read_text())
