@@ -5,6 +5,7 @@ release file maps onto it. Adding one is a single ``register(BackboneSpec(...))`
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,7 @@ class BackboneSpec:
 
 
 BACKBONES: dict[str, BackboneSpec] = {}
+_INIT_LOCK = threading.Lock()  # seeding the global torch RNG must not interleave across threads
 
 
 def register(spec: BackboneSpec) -> BackboneSpec:
@@ -195,7 +197,7 @@ def create_model(name: str, arch: dict | None = None) -> torch.nn.Module:
     spec = get_spec(name)
     kwargs = dict(spec.model_kwargs, num_classes=0, img_size=spec.image_size, dynamic_img_size=True)
     kwargs.update(arch or {})
-    with torch.random.fork_rng(devices=[]):
+    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return timm.create_model(spec.timm_name, pretrained=False, **kwargs)
 
