@@ -24,10 +24,11 @@ def demo(out: Path, device: str) -> None:
     click.echo("cosettle demo: synthetic videos and a randomly initialised ViT-B/16 (--weights random).\n"
                "The numbers show that the pipeline works end to end; they are NOT paper numbers.\n")
     start = time.perf_counter()
-    results = run_demo(DemoConfig(out=out, device=device))
+    cfg = DemoConfig(out=out, device=device)
+    results = run_demo(cfg)
     click.echo("\n" + format_results(results))
-    click.echo(f"\nfrozen = random-weight backbone; +Co-Settle = the projection trained for 5 epochs on its cached "
-               f"tokens.\nwrote {out / 'demo_results.json'}, {out / 'demo.png'}, {out / 'runs/cosettle'}, "
+    click.echo(f"\nfrozen = random-weight backbone; +Co-Settle = the projection trained for {cfg.epochs} epochs "
+               f"(batch {cfg.batch_size}) on its cached tokens.\nwrote {out / 'demo_results.json'}, {out / 'demo.png'}, {out / 'runs/cosettle'}, "
                f"{out / 'results'} ({time.perf_counter() - start:.0f} s)")
 
 
