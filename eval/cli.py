@@ -169,7 +169,7 @@ main.add_command(davis_cmd, name="davis")
 def jhmdb_cmd(**kw) -> None:
     """JHMDB pose propagation (CRW protocol, 320x320): PCK@0.1 and PCK@0.2 per joint and mean."""
     split, number = kw.pop("split"), kw.pop("split_number")
-    summary = jhmdb.evaluate_jhmdb(make_config(kw, "crw", {"size": (320, 320)}), split, number)
+    summary = jhmdb.evaluate_jhmdb(make_config(kw, jhmdb.DEFAULT_PRESET, {"size": jhmdb.INPUT_SIZE}), split, number)
     click.echo(jhmdb.format_table(summary))
 
 
@@ -185,7 +185,7 @@ main.add_command(jhmdb_cmd, name="jhmdb")
 def vip_cmd(**kw) -> None:
     """VIP part propagation (560x560): per-class IoU and mIoU over all frames, frame 0 included."""
     split = kw.pop("split")
-    summary = vip.evaluate_vip(make_config(kw, "dino", {"size": (560, 560)}), split)
+    summary = vip.evaluate_vip(make_config(kw, vip.DEFAULT_PRESET, {"size": vip.INPUT_SIZE}), split)
     click.echo(vip.format_table(summary))
 
 

@@ -20,6 +20,10 @@ from cosettle.eval.keypoints import decode_keypoints, joint_heatmaps, pck, pck_d
 from cosettle.eval.propagation import PropagationSettings, propagate
 from cosettle.eval.run import EvalConfig, open_source, write_json, write_record
 
+# The task's defaults, used by cosettle-eval and cosettle-sweep alike (CRW's protocol: 320x320, aspect not kept).
+DEFAULT_PRESET = "crw"
+INPUT_SIZE = (320, 320)
+
 JOINTS = ("neck", "belly", "face", "right shoulder", "left shoulder", "right hip", "left hip", "right elbow",
           "left elbow", "right knee", "left knee", "right wrist", "left wrist", "right ankle", "left ankle")
 ALPHAS = (0.1, 0.2)

@@ -137,12 +137,12 @@ def _run_metrics(ctx: EvalContext, options: dict) -> dict[str, float]:
 
 
 PROPAGATION_FIELDS = tuple(f.name for f in fields(PropagationSettings))
-# Task defaults as cosettle-eval applies them (JHMDB at 320x320 with CRW's rule, VIP at 560x560).
 EVAL_KINDS: dict[str, EvalKind] = {
     "davis": _propagation_kind("dino", {}, davis.evaluate_davis,
                                {"split": "val", "year": "2017", "resolution": "480p"}),
-    "jhmdb": _propagation_kind("crw", {"size": (320, 320)}, jhmdb.evaluate_jhmdb, {"split": REQUIRED}, ("split",)),
-    "vip": _propagation_kind("dino", {"size": (560, 560)}, vip.evaluate_vip, {"split": "val"}),
+    "jhmdb": _propagation_kind(jhmdb.DEFAULT_PRESET, {"size": jhmdb.INPUT_SIZE}, jhmdb.evaluate_jhmdb,
+                               {"split": REQUIRED}, ("split",)),
+    "vip": _propagation_kind(vip.DEFAULT_PRESET, {"size": vip.INPUT_SIZE}, vip.evaluate_vip, {"split": "val"}),
     "metrics": EvalKind(_run_metrics, {"batch_size": 64}, "videos"),
 }
 

@@ -19,6 +19,10 @@ from cosettle.eval.propagation import segment_video
 from cosettle.eval.run import EvalConfig, open_source, write_json, write_record
 from cosettle.eval.segmentation_metrics import VIP_CLASSES, confusion_matrix, miou
 
+# The task's defaults, used by cosettle-eval and cosettle-sweep alike (560x560, a 35x35 grid at stride 16).
+DEFAULT_PRESET = "dino"
+INPUT_SIZE = (560, 560)
+
 NUM_CLASSES = len(VIP_CLASSES)
 
 
