@@ -117,7 +117,8 @@ def test_crash_then_resume_equals_a_single_run(single_run, videos, tmp_path, mon
     with pytest.raises(StoreError, match="--resume"):
         extract(config(videos, out))
     partial = FeatureStore(out).done()
-    assert partial.tolist() == [True, True, False, False, False]
+    # blocks 0-1 finished, block 2 half-written; the writer thread may have finished block 3 too
+    assert partial[:3].tolist() == [True, True, False] and not partial[4]
     extract(config(videos, out, resume=True))
     want = read_all(single_run)
     for name, got in read_all(open_store(out)).items():
