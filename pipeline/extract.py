@@ -191,8 +191,8 @@ def extract(cfg: ExtractConfig) -> FeatureStore:
                     skipped += 1
                     bar.write(f"warning: skipped {item['error']}")
                 items.append(item)
-                bar.update(1)
             tokens = _block_tokens(items, forward, cfg.views, hi - lo, lo, shape, cfg.dtype)
+            bar.update(hi - lo)  # after the forward pass, so videos/s and the ETA count finished work
             valid = np.array([it["error"] is None for it in items])
             rows = [r for it in items for r in _manifest_rows(it, cfg.views, "ok" if it["error"] is None
                                                                else f"skipped: {it['error']}")]
