@@ -97,6 +97,7 @@ def write_table(results: dict[str, dict[str, float]], path: Path) -> None:
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
+    """One line per metric, one column per results set, 4 decimals."""
     names = list(results)
     width = max(len(m) for m in results[names[0]])
     lines = [" " * width + "".join(n.rjust(12) for n in names)]

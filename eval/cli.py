@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def _setting_option(f):
     return click.option(name, default=None, callback=_parse_size, help=help_text)
 
 
-def settings_options(fn):
+def settings_options(fn: Callable) -> Callable:
     """--preset and one override option per propagation setting."""
     for f in reversed(fields(PropagationSettings)):
         fn = _setting_option(f)(fn)
@@ -83,7 +84,8 @@ def settings_options(fn):
                         help="Propagation preset (default: the task's).")(fn)
 
 
-def backbone_options(fn, required: bool = True):
+def backbone_options(fn: Callable, required: bool = True) -> Callable:
+    """--backbone, --weights, --projection, --device, --batch-size and the hidden --arch."""
     options = [
         click.option("--backbone", required=required, type=click.Choice(list(BACKBONES)), help="Registered backbone."),
         click.option("--weights", required=required, help="Official release checkpoint file, or 'random'."),
@@ -98,7 +100,8 @@ def backbone_options(fn, required: bool = True):
     return fn
 
 
-def eval_options(fn, required: bool = True):
+def eval_options(fn: Callable, required: bool = True) -> Callable:
+    """The backbone and propagation-settings options plus --cache and --out."""
     fn = settings_options(backbone_options(fn, required))
     fn = click.option("--cache", type=click.Path(path_type=Path), default=None,
                       help="Features cache (a Zarr store) to use or create [default: eval_cache/<backbone>_<weights>_<key>.zarr].")(fn)

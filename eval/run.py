@@ -52,7 +52,8 @@ def open_source(cfg: EvalConfig) -> tuple[FeatureSource, dict]:
     return source, record
 
 
-def write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj: object) -> None:
+    """Write ``obj`` as indented JSON, creating the parent folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2) + "\n")
 

@@ -35,6 +35,7 @@ _INIT_LOCK = threading.Lock()  # seeding the global torch RNG must not interleav
 
 
 def register(spec: BackboneSpec) -> BackboneSpec:
+    """Add a backbone to ``BACKBONES``; a name registered twice is an error."""
     if spec.name in BACKBONES:
         raise ValueError(f"backbone '{spec.name}' is registered twice")
     BACKBONES[spec.name] = spec
@@ -203,6 +204,7 @@ def create_model(name: str, arch: dict | None = None) -> torch.nn.Module:
 
 
 def get_spec(name: str) -> BackboneSpec:
+    """The registered spec of ``name``; KeyError listing the known names otherwise."""
     if name not in BACKBONES:
         raise KeyError(f"unknown backbone '{name}'; known: {', '.join(BACKBONES)}")
     return BACKBONES[name]

@@ -13,6 +13,7 @@ from .videos import VideoError
 
 
 def parse_shard(ctx, param, value: str) -> tuple[int, int]:
+    """Click callback: ``i/n`` -> (i, n) with 0 <= i < n."""
     try:
         i, n = (int(x) for x in value.split("/"))
     except ValueError:

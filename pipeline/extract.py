@@ -53,6 +53,7 @@ class ExtractConfig:
 
 
 def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; any other name as given."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -144,6 +145,7 @@ def _block_tokens(items: list[dict], forward: BlockForward, k: int, rows: int, l
 
 
 def store_settings(cfg: ExtractConfig, backbone: Backbone, videos: list[str]) -> StoreSettings:
+    """The settings a store of this run must have (every shard computes the same)."""
     return StoreSettings(
         backbone=backbone.name, weights=backbone.weights, weights_sha256=backbone.weights_sha256,
         image_size=backbone.image_size, grid=backbone.grid, dim=backbone.dim, dtype=cfg.dtype, views=cfg.views,

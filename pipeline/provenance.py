@@ -7,6 +7,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 
 def package_version(name: str = "cosettle") -> str:
+    """Installed version of ``name``, or "unknown" (recorded as such) when it is not installed."""
     try:
         return version(name)
     except PackageNotFoundError:
@@ -14,6 +15,7 @@ def package_version(name: str = "cosettle") -> str:
 
 
 def now_utc() -> str:
+    """The current UTC time as ISO 8601, to the second."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 

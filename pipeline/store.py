@@ -82,6 +82,7 @@ def videos_digest(videos: list[str]) -> str:
 
 
 def manifest_dir(path: Path) -> Path:
+    """``NAME.manifest`` beside the store ``NAME.zarr``."""
     return Path(path).with_suffix(".manifest")
 
 

@@ -1,6 +1,7 @@
 """The training loop end to end on small synthetic stores: learning, schedule, resume, refusals."""
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from cosettle.pipeline.store import FeatureStore, StoreError, open_store
 from cosettle.trainer.cli import main
 from cosettle.trainer.config import TrainConfig
 from cosettle.trainer.losses import cosettle_loss
-from cosettle.trainer.projection import build_projection, load_projection
+from cosettle.trainer.projection import ProjectionError, build_projection, load_projection
 from cosettle.trainer.run_dir import RunError
 from cosettle.trainer.synthetic import write_synthetic_store
 from cosettle.trainer.train import TrainingError, train
@@ -177,3 +178,20 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     weights = load_file(str(ckpt / "projection.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert not (run / "summary.json").exists()
+
+
+@pytest.mark.parametrize("config_text", ["{not json", '{"train": {"fusion": "linear"}}'])
+def test_load_projection_names_a_broken_config(tmp_path, config_text):
+    (tmp_path / "config.json").write_text(config_text)
+    (tmp_path / "projection.safetensors").write_bytes(b"")
+    with pytest.raises(ProjectionError, match="^" + re.escape(f"{tmp_path / 'config.json'}: not a cosettle-train config")):
+        load_projection(tmp_path)
+
+
+def test_resume_names_a_damaged_config(tmp_path):
+    store = small_store(tmp_path / "s.zarr")
+    run = tmp_path / "run"
+    train(config([store], run, max_steps=2))
+    (run / "config.json").write_text("{ truncated")
+    with pytest.raises(RunError, match=re.escape(str(run / "config.json")) + ": unreadable"):
+        train(config([store], run, resume=True))

@@ -10,6 +10,8 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class World:
+    """This process's rank, the number of processes, and its rank on its node."""
+
     rank: int = 0
     size: int = 1
     local_rank: int = 0
@@ -34,6 +36,7 @@ def join(world: World, device: torch.device) -> None:
 
 
 def barrier(world: World) -> None:
+    """Wait for every rank; a no-op for a single process."""
     if world.size > 1:
         dist.barrier()
 
@@ -48,5 +51,6 @@ def mean_across(world: World, values: dict[str, float], device: torch.device) ->
 
 
 def close(world: World) -> None:
+    """Leave the process group; a no-op for a single process."""
     if world.size > 1 and dist.is_initialized():
         dist.destroy_process_group()

@@ -35,6 +35,7 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {}
 
 
 def register(spec: ObjectiveSpec) -> ObjectiveSpec:
+    """Add an objective to ``OBJECTIVES``; a name registered twice is an error."""
     if spec.name in OBJECTIVES:
         raise ValueError(f"objective '{spec.name}' is registered twice")
     OBJECTIVES[spec.name] = spec

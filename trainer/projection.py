@@ -48,11 +48,6 @@ def build_projection(dim: int, fusion: str = "linear", seed: int = 0) -> nn.Sequ
     return net
 
 
-def projection_dim(state: dict[str, torch.Tensor]) -> int:
-    """Token dim a projection state dict maps (its first Linear's input width)."""
-    return int(state["0.weight"].shape[1])
-
-
 def load_weights(projection: nn.Module, path: Path) -> None:
     """Load a safetensors state dict strictly; raises ProjectionError naming the file otherwise."""
     try:
@@ -78,7 +73,11 @@ def load_projection(run_dir: Path, device: str | torch.device = "cpu") -> tuple[
         raise ProjectionError(f"{run_dir}: not a cosettle-train run directory (no {CONFIG_FILE})")
     if not weights.is_file():
         raise ProjectionError(f"{run_dir}: no {WEIGHTS_FILE}; the run has not finished (continue it with --resume)")
-    config = json.loads(cfg_path.read_text())
-    projection = build_projection(config["dim"], config["train"]["fusion"])
+    try:
+        config = json.loads(cfg_path.read_text())
+        dim, fusion = config["dim"], config["train"]["fusion"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ProjectionError(f"{cfg_path}: not a cosettle-train config ({type(e).__name__}: {e})") from None
+    projection = build_projection(dim, fusion)
     load_weights(projection, weights)
     return projection.to(device).eval(), config

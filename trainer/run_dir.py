@@ -39,16 +39,29 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
 
 
-def write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj: object) -> None:
+    """Write ``obj`` as JSON aside and rename it into place."""
     tmp = _tmp(path)
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
 
 
 def save_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors state dict aside and rename it into place."""
     tmp = _tmp(path)
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from ``path``; a damaged file is a RunError naming it."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RunError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise RunError(f"{path}: expected a JSON object")
+    return obj
 
 
 class RunDir:
@@ -75,7 +88,9 @@ class RunDir:
             state = "a finished" if self.finished else "an unfinished"
             hint = "--overwrite to train again" if self.finished else "--resume to continue it or --overwrite"
             raise RunError(f"{self.path}: holds {state} run; pass {hint}")
-        found = json.loads(self.file(CONFIG_FILE).read_text())["identity"]
+        found = self.config().get("identity")
+        if not isinstance(found, dict) or "dim" not in found:
+            raise RunError(f"{self.file(CONFIG_FILE)}: no run identity recorded; not a cosettle-train config")
         if found["dim"] != identity["dim"]:
             raise RunError(f"{self.path}: cannot resume, its projection has dim {found['dim']} "
                            f"but the stores' tokens have dim {identity['dim']}")
@@ -92,7 +107,8 @@ class RunDir:
             write_json(self.file(CONFIG_FILE), config)
 
     def config(self) -> dict:
-        return json.loads(self.file(CONFIG_FILE).read_text())
+        """The run's config.json."""
+        return read_json(self.file(CONFIG_FILE))
 
     # -- metrics -------------------------------------------------------------------------------
     def append(self, name: str, record: dict) -> None:
@@ -162,4 +178,5 @@ class RunDir:
         write_json(self.file(SUMMARY_FILE), summary)
 
     def summary(self) -> dict:
-        return json.loads(self.file(SUMMARY_FILE).read_text())
+        """The run's summary.json (present once the run finished)."""
+        return read_json(self.file(SUMMARY_FILE))

@@ -25,6 +25,7 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over ``param_groups`` (weight decay on weight matrices only), the release's betas."""
     return torch.optim.AdamW(param_groups(module, weight_decay), lr=lr, betas=BETAS)
 
 
@@ -37,5 +38,6 @@ def lr_at(epoch: float, lr: float, min_lr: float, warmup_epochs: float, epochs: 
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the learning rate of every parameter group."""
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from cosettle.pipeline.checkpoints import sha256_file
+from cosettle.pipeline.extract import resolve_device
 from cosettle.pipeline.provenance import environment, now_utc
 
 from .config import TrainConfig
@@ -36,11 +37,10 @@ class TrainingError(Exception):
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The training device; an explicit ``cuda`` without a GPU is an error, not a CPU fallback."""
     if name == "cuda" and not torch.cuda.is_available():
         raise TrainingError("--device cuda: no CUDA device is available")
-    return torch.device(name)
+    return resolve_device(name)
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
