@@ -160,6 +160,9 @@ def extract(cfg: ExtractConfig) -> FeatureStore:
     index, count = cfg.shard
     if not 0 <= index < count:
         raise ValueError(f"shard {index}/{count}: the index must lie in [0, {count})")
+    if cfg.overwrite and count > 1:
+        # each shard would delete the blocks the others have written
+        raise ValueError(f"{cfg.out}: --overwrite cannot be combined with --shard; delete the store, then start the shards")
     root, videos = discover_videos(cfg.videos, cfg.root)
     device = resolve_device(cfg.device)
     backbone = load_backbone(cfg.backbone, cfg.weights, device=device, arch=cfg.arch)

@@ -141,6 +141,12 @@ def test_other_settings_are_refused(single_run, videos):
         extract(config(videos, single_run.path, seed=1, resume=True))
 
 
+def test_overwrite_is_refused_for_shards(single_run, videos):
+    with pytest.raises(ValueError, match="--overwrite cannot be combined with --shard"):
+        extract(config(videos, single_run.path, shard=(0, 2), overwrite=True))
+    assert open_store(single_run.path).complete
+
+
 def test_incomplete_store_is_refused_by_readers(videos, tmp_path):
     out = tmp_path / "half.zarr"
     extract(config(videos, out, shard=(0, 2)))
