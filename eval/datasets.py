@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from cosettle.eval.davis_score import read_split
+from cosettle.pipeline.videos import VideoError, read_list_file
 
 
 class DatasetError(Exception):
@@ -88,12 +89,10 @@ def vip_videos(root: Path, split: str = "val") -> list[Video]:
 def _list_lines(path: Path) -> list[str]:
     if not path.is_file():
         raise DatasetError(f"{path}: video list not found")
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    if not names:
-        raise DatasetError(f"{path}: the video list is empty")
-    if len(set(names)) != len(names):
-        raise DatasetError(f"{path}: the video list names some videos twice")
-    return names
+    try:
+        return read_list_file(path)
+    except VideoError as e:
+        raise DatasetError(str(e)) from None
 
 
 def _numeric_frames(folder: Path) -> list[Path]:

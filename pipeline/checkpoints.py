@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .errors import first_line
+
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be loaded into the backbone; the message names the file."""
@@ -55,12 +57,7 @@ def _load_object(path: Path, torchscript: bool):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         kind = "a TorchScript archive" if torchscript else "a weights-only torch checkpoint"
-        raise CheckpointError(f"{path}: not {kind} ({_first_line(e)})") from None
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+        raise CheckpointError(f"{path}: not {kind} ({first_line(e)})") from None
 
 
 def _dinov2_resize_pos_embed(pos: torch.Tensor, grid: tuple[int, int], prefix: int) -> torch.Tensor:
@@ -116,7 +113,7 @@ def read_state_dict(path: Path, fmt: CheckpointFormat, model: torch.nn.Module) -
     try:
         sd = _convert(sd, fmt, model)
     except Exception as e:  # a foreign layout makes the resize or timm's filter fail with a bare shape error
-        raise CheckpointError(f"{path}: cannot convert to the backbone's layout ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: cannot convert to the backbone's layout ({first_line(e)})") from None
     return {k: v for k, v in sd.items() if not k.startswith(fmt.drop)}
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .errors import first_line
+
 VIDEO_EXTS = (".mp4", ".webm", ".avi", ".mkv", ".mov")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -45,14 +47,22 @@ def discover_videos(source: Path, root: Path | None = None) -> tuple[Path, list[
         return base, sorted(found)
     if source.is_file():
         base = Path(root) if root is not None else source.parent
-        lines = [ln.strip() for ln in source.read_text().splitlines()]
-        paths = [ln for ln in lines if ln and not ln.startswith("#")]
-        if not paths:
-            raise VideoError(f"{source}: the video list is empty")
-        if len(set(paths)) != len(paths):
-            raise VideoError(f"{source}: the video list names some videos twice")
-        return base, sorted(paths)
+        return base, sorted(read_list_file(source))
     raise VideoError(f"{source}: no such file or directory")
+
+
+def read_list_file(path: Path) -> list[str]:
+    """The names of a list file: one per line, blank lines and '#' comments skipped.
+
+    An empty list or a name given twice is a VideoError naming the file.
+    """
+    lines = [ln.strip() for ln in Path(path).read_text().splitlines()]
+    names = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not names:
+        raise VideoError(f"{path}: the video list is empty")
+    if len(set(names)) != len(names):
+        raise VideoError(f"{path}: the video list names some videos twice")
+    return names
 
 
 class FrameFolder:
@@ -90,7 +100,7 @@ class VideoFile:
         try:
             self.reader = decord.VideoReader(str(self.path), ctx=decord.cpu(0), num_threads=1)
         except Exception as e:  # decord raises its own DECORDError and RuntimeError
-            raise VideoError(f"{self.path}: cannot open video ({str(e).splitlines()[0]})") from None
+            raise VideoError(f"{self.path}: cannot open video ({first_line(e)})") from None
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -99,7 +109,7 @@ class VideoFile:
         try:
             return self.reader.get_batch(list(indices)).asnumpy()
         except Exception as e:
-            raise VideoError(f"{self.path}: cannot decode frames {list(indices)} ({str(e).splitlines()[0]})") from None
+            raise VideoError(f"{self.path}: cannot decode frames {list(indices)} ({first_line(e)})") from None
 
 
 def open_video(path: Path) -> FrameFolder | VideoFile:

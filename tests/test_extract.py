@@ -1,4 +1,5 @@
 """Stage one end to end on synthetic videos in the real formats, with a tiny ViT."""
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -186,3 +187,19 @@ def test_cli_full_size_backbone(videos, tmp_path):
     assert store.array("a_asy").shape == (1, 1, 196, 768)
     tokens = store.array("a_asy")[:].astype(np.float32)
     assert np.isfinite(tokens).all() and tokens.std() > 0.1
+
+
+def test_list_file_rules(tmp_path):
+    from cosettle.pipeline.videos import VideoError, read_list_file
+
+    good = tmp_path / "good.txt"
+    good.write_text("# a comment\n\n  a/b.mp4 \n  # indented comment\nc\n")
+    assert read_list_file(good) == ["a/b.mp4", "c"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n\n")
+    with pytest.raises(VideoError, match=f"^{re.escape(str(empty))}: the video list is empty$"):
+        read_list_file(empty)
+    twice = tmp_path / "twice.txt"
+    twice.write_text("a\nb\na\n")
+    with pytest.raises(VideoError, match="names some videos twice"):
+        read_list_file(twice)

@@ -12,6 +12,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from cosettle.pipeline.errors import first_line
+
 FUSIONS = {"linear": 1, "mlp2": 2, "mlp3": 3}
 WEIGHTS_FILE = "projection.safetensors"
 CONFIG_FILE = "config.json"
@@ -53,12 +55,11 @@ def load_weights(projection: nn.Module, path: Path) -> None:
     try:
         state = load_file(str(path))
     except Exception as e:
-        raise ProjectionError(f"{path}: not a readable safetensors file ({e})") from None
+        raise ProjectionError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
     try:
         projection.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise ProjectionError(f"{path}: does not fit the projection ({first})") from None
+        raise ProjectionError(f"{path}: does not fit the projection ({first_line(e)})") from None
 
 
 def load_projection(run_dir: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
