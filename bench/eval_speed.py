@@ -12,8 +12,7 @@ import argparse
 import time
 
 import torch
-
-from cosettle.eval.propagation import PRESETS, label_image, propagate
+from cosettle.eval.frame.propagation import PRESETS, label_image, propagate
 
 
 def _sync(device: torch.device) -> None:

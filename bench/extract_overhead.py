@@ -15,9 +15,9 @@ from pathlib import Path
 
 import click
 import torch
-
+from cosettle.core.devices import resolve_device
 from cosettle.pipeline.backbones import load_backbone
-from cosettle.pipeline.extract import BlockForward, ExtractConfig, VideoViews, extract, resolve_device
+from cosettle.pipeline.extract import BlockForward, ExtractConfig, VideoViews, extract
 from cosettle.pipeline.synthetic import moving_scene, write_frame_folder, write_video_file
 from cosettle.pipeline.videos import discover_videos
 

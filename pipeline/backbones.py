@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from cosettle.core.provenance import sha256_file
 
-from .checkpoints import CheckpointError, CheckpointFormat, load_strict, read_state_dict, sha256_file
+from .checkpoints import CheckpointError, CheckpointFormat, load_strict, read_state_dict
 from .views import asy_grid_size
 
 RANDOM = "random"

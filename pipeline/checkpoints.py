@@ -6,15 +6,13 @@ it. Files are opened with ``torch.load(weights_only=True)`` (TorchScript only th
 """
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-from .errors import first_line
+from cosettle.core.errors import first_line
 
 
 class CheckpointError(Exception):
@@ -39,15 +37,6 @@ class CheckpointFormat:
     timm_filter: bool = False
     filter_kwargs: dict = field(default_factory=dict)
     drop: tuple[str, ...] = ()
-
-
-def sha256_file(path: Path, block: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _load_object(path: Path, torchscript: bool):

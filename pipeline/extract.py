@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
+from cosettle.core.devices import resolve_device
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -50,13 +51,6 @@ class ExtractConfig:
     asy_ratio: float = 10.0
     clip_gap: float = CLIP_GAP
     arch: dict | None = None  # tiny architectures for tests
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; any other name as given."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class VideoViews(Dataset):

@@ -27,8 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
-
-from .provenance import environment, mismatches, now_utc
+from cosettle.core.provenance import environment, mismatches, now_utc
 
 FORMAT = 1
 ATTR = "cosettle_store"

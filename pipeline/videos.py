@@ -5,9 +5,9 @@ import os
 from pathlib import Path
 
 import numpy as np
+from cosettle.core.errors import first_line
+from cosettle.core.listfiles import read_list_file
 from PIL import Image
-
-from .errors import first_line
 
 VIDEO_EXTS = (".mp4", ".webm", ".avi", ".mkv", ".mov")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -49,20 +49,6 @@ def discover_videos(source: Path, root: Path | None = None) -> tuple[Path, list[
         base = Path(root) if root is not None else source.parent
         return base, sorted(read_list_file(source))
     raise VideoError(f"{source}: no such file or directory")
-
-
-def read_list_file(path: Path) -> list[str]:
-    """The names of a list file: one per line, blank lines and '#' comments skipped.
-
-    An empty list or a name given twice is a VideoError naming the file.
-    """
-    lines = [ln.strip() for ln in Path(path).read_text().splitlines()]
-    names = [ln for ln in lines if ln and not ln.startswith("#")]
-    if not names:
-        raise VideoError(f"{path}: the video list is empty")
-    if len(set(names)) != len(names):
-        raise VideoError(f"{path}: the video list names some videos twice")
-    return names
 
 
 class FrameFolder:

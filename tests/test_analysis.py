@@ -4,8 +4,13 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from cosettle.eval.analysis import cycle_accuracy, diameter, effective_rank, inter_video_distance, intra_video_distance
+from cosettle.eval.frame.analysis import (
+    cycle_accuracy,
+    diameter,
+    effective_rank,
+    inter_video_distance,
+    intra_video_distance,
+)
 
 
 def test_diameter_percentiles():

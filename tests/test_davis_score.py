@@ -5,10 +5,9 @@ import re
 
 import numpy as np
 import pytest
+from cosettle.eval.frame.davis_score import format_table, score_davis
+from cosettle.eval.frame.palette import davis_palette, read_indexed_png, save_indexed_png
 from PIL import Image
-
-from cosettle.eval.davis_score import format_table, score_davis
-from cosettle.eval.palette import davis_palette, read_indexed_png, save_indexed_png
 
 H, W = 20, 30
 

@@ -4,9 +4,8 @@ import math
 from functools import partial
 
 from click.testing import CliRunner
-
-from cosettle.eval import cosettle_cli
-from cosettle.eval.demo import ROWS, DemoConfig
+from cosettle.app import cli as cosettle_cli
+from cosettle.app.demo import ROWS, DemoConfig
 
 SMALL = dict(train_videos=6, train_frames=10, video_size=(64, 96), views=2, eval_sequences=2, eval_frames=8,
              eval_objects=2, analysis_videos=3, epochs=6, batch_size=4, device="cpu",

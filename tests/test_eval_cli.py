@@ -9,21 +9,22 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
-from safetensors.torch import save_file
-
-from cosettle.eval import cli, davis, jhmdb, vip
-from cosettle.eval.datasets import DatasetError, davis_videos, jhmdb_split, read_frame
-from cosettle.eval.features import CacheError, FeatureSource
-from cosettle.eval.keypoints import read_jhmdb_joints
-from cosettle.eval.palette import davis_palette, read_indexed_png, save_indexed_png
-from cosettle.eval.propagation import preset
-from cosettle.eval.run import EvalConfig
-from cosettle.eval.synthetic import write_davis, write_jhmdb, write_vip
+from cosettle.eval import cli
+from cosettle.eval.frame.datasets import DatasetError, davis_videos, jhmdb_split, read_frame
+from cosettle.eval.frame.features import CacheError, FeatureSource
+from cosettle.eval.frame.keypoints import read_jhmdb_joints
+from cosettle.eval.frame.palette import davis_palette, read_indexed_png, save_indexed_png
+from cosettle.eval.frame.propagation import preset
+from cosettle.eval.frame.run import EvalConfig
+from cosettle.eval.frame.synthetic import write_davis, write_jhmdb, write_vip
+from cosettle.eval.tasks import davis, jhmdb, vip
 from cosettle.pipeline.backbones import Backbone, load_backbone
 from cosettle.pipeline.synthetic import moving_scene, write_frame_folder
 from cosettle.pipeline.transforms import normalize, to_float
+from cosettle.trainer.config import TrainConfig
 from cosettle.trainer.projection import build_projection
+from PIL import Image
+from safetensors.torch import save_file
 
 TINY = dict(embed_dim=64, depth=2, num_heads=2)
 SMALL = preset("dino", short_side=64, multiple=32)  # 64 x 96 frames -> 64 x 96 input, a 4 x 6 grid
@@ -260,7 +261,7 @@ def fake_run(path: Path, dim: int, backbone: str = "dino_vitb", sha: str = "rand
     path.mkdir(parents=True)
     save_file(build_projection(dim, "linear", seed=1).state_dict(), str(path / "projection.safetensors"))
     (path / "config.json").write_text(json.dumps({"dim": dim, "backbone": backbone, "weights_sha256": sha,
-                                                  "train": {"fusion": "linear"}}))
+                                                  "train": TrainConfig(features=("x",), out=str(path)).as_dict()}))
     return path
 
 

@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
-
 from cosettle.pipeline import cli
 from cosettle.pipeline.backbones import load_backbone
 from cosettle.pipeline.extract import ExtractConfig, extract
@@ -16,6 +14,7 @@ from cosettle.pipeline.store import TOKEN_ARRAYS, FeatureStore, StoreError, mani
 from cosettle.pipeline.synthetic import moving_scene, write_frame_folder, write_video_file
 from cosettle.pipeline.transforms import apply_view
 from cosettle.pipeline.views import View
+from PIL import Image
 
 TINY = dict(embed_dim=32, depth=1, num_heads=2)
 
@@ -190,16 +189,16 @@ def test_cli_full_size_backbone(videos, tmp_path):
 
 
 def test_list_file_rules(tmp_path):
-    from cosettle.pipeline.videos import VideoError, read_list_file
+    from cosettle.core.listfiles import ListFileError, read_list_file
 
     good = tmp_path / "good.txt"
     good.write_text("# a comment\n\n  a/b.mp4 \n  # indented comment\nc\n")
     assert read_list_file(good) == ["a/b.mp4", "c"]
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing\n\n")
-    with pytest.raises(VideoError, match=f"^{re.escape(str(empty))}: the video list is empty$"):
+    with pytest.raises(ListFileError, match=f"^{re.escape(str(empty))}: the video list is empty$"):
         read_list_file(empty)
     twice = tmp_path / "twice.txt"
     twice.write_text("a\nb\na\n")
-    with pytest.raises(VideoError, match="names some videos twice"):
+    with pytest.raises(ListFileError, match="names some videos twice"):
         read_list_file(twice)

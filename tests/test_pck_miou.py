@@ -4,9 +4,8 @@ import math
 import numpy as np
 import pytest
 import scipy.io
-
-from cosettle.eval.keypoints import decode_keypoints, joint_heatmaps, pck, read_jhmdb_joints
-from cosettle.eval.segmentation_metrics import VIP_CLASSES, confusion_matrix, miou
+from cosettle.eval.frame.keypoints import decode_keypoints, joint_heatmaps, pck, read_jhmdb_joints
+from cosettle.eval.frame.segmentation_metrics import VIP_CLASSES, confusion_matrix, miou
 
 E2, E4, E8 = math.exp(-2), math.exp(-4), math.exp(-8)  # sigma 0.5: exp(-d^2 / 0.5)
 

@@ -8,13 +8,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from cosettle.eval.datasets import davis_videos
-from cosettle.eval.davis import predict_video
-from cosettle.eval.davis_score import score_davis
-from cosettle.eval.propagation import (PRESETS, first_frame_labels, label_image, preset, propagate, segment_video,
-                                       window_mask)
-from cosettle.eval.synthetic import write_davis
+from cosettle.eval.frame.datasets import davis_videos
+from cosettle.eval.frame.davis_score import score_davis
+from cosettle.eval.frame.propagation import (
+    PRESETS,
+    first_frame_labels,
+    label_image,
+    preset,
+    propagate,
+    segment_video,
+    window_mask,
+)
+from cosettle.eval.frame.synthetic import write_davis
+from cosettle.eval.tasks.davis import predict_video
 
 BASE = PRESETS["dino"]
 

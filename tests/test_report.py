@@ -5,10 +5,9 @@ import hashlib
 
 import pytest
 from click.testing import CliRunner
+from cosettle.app import report as report_mod
+from cosettle.app.results import BASE_SCHEMA, read_results, write_row
 from PIL import Image
-
-from cosettle.eval import report as report_mod
-from cosettle.eval.results import BASE_SCHEMA, read_results, write_row
 
 # backbone -> setting (None: baseline) -> evaluation -> metrics, 0-1 scale as the evaluations give
 VALUES = {

@@ -13,23 +13,27 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from distributed import Client, LocalCluster
-
-from cosettle.eval import sweep as sweep_mod
-from cosettle.eval.analysis_report import analyse
-from cosettle.eval.davis import evaluate_davis
-from cosettle.eval.propagation import preset
-from cosettle.eval.report import render
-from cosettle.eval.results import read_results
-from cosettle.eval.run import EvalConfig
-from cosettle.eval.sweep import EVAL_KINDS, SweepError, plan_sweep, run_sweep
-from cosettle.eval.sweep_file import SweepFileError, key_lines, parse_sweep
-from cosettle.eval.synthetic import write_davis
+from cosettle.app import sweep as sweep_mod
+from cosettle.app.report import render
+from cosettle.app.results import read_results
+from cosettle.app.sweep import run_sweep
+from cosettle.app.sweep_file import parse_sweep
+from cosettle.app.sweep_plan import plan_sweep
+from cosettle.app.sweep_tasks import SweepError
+from cosettle.app.sweep_toml import SweepFileError, key_lines
+from cosettle.core.provenance import package_version
+from cosettle.eval.frame.analysis_report import analyse
+from cosettle.eval.frame.propagation import preset
+from cosettle.eval.frame.run import EvalConfig
+from cosettle.eval.frame.synthetic import write_davis
+from cosettle.eval.task import TASKS as TASK_REGISTRY
+from cosettle.eval.task import discover
+from cosettle.eval.tasks.davis import evaluate_davis
 from cosettle.pipeline.backbones import create_model, load_backbone
-from cosettle.pipeline.provenance import package_version
 from cosettle.pipeline.synthetic import moving_scene, write_frame_folder
-from cosettle.trainer.projection import load_projection
 from cosettle.trainer.run_dir import RunDir
+from cosettle.trainer.trained import load_trained
+from distributed import Client, LocalCluster
 
 ARCH = {"dino_vitb": dict(embed_dim=32, depth=1, num_heads=2, img_size=64),
         "mae_vitb": dict(embed_dim=48, depth=1, num_heads=2, img_size=64)}
@@ -123,7 +127,7 @@ def test_sweep_runs_every_task_and_fills_the_table(finished, data, tmp_path):
     path, outcome = finished
     assert not outcome.failed and not outcome.blocked and not outcome.skipped
     assert len(set(outcome.ran)) == len(outcome.ran) == TASKS
-    sweep = parse_sweep(path, EVAL_KINDS)
+    sweep = parse_sweep(path)
     rows = rows_by_task(sweep.results)
     assert len(rows) == 12
     for backbone in ARCH:
@@ -136,7 +140,7 @@ def test_sweep_runs_every_task_and_fills_the_table(finished, data, tmp_path):
                 row = rows[f"eval-{backbone}-{setting.id}-{ev}"]
                 assert row["variant"] == "projection" and row["train.fusion"] == setting.values["fusion"]
                 assert row["wall_train_s"] > 0 and row["wall_extract_s"] > 0
-                _, config = load_projection(Path(row["run_dir"]))
+                _, config = load_trained(Path(row["run_dir"]))
                 assert config["backbone"] == backbone and config["train"]["fusion"] == setting.values["fusion"]
                 assert RunDir(row["run_dir"]).finished
 
@@ -167,7 +171,7 @@ def test_sweep_runs_every_task_and_fills_the_table(finished, data, tmp_path):
 
 def test_rerun_finds_everything_done(finished):
     path, _ = finished
-    sweep = parse_sweep(path, EVAL_KINDS)
+    sweep = parse_sweep(path)
     stamps = {p: p.stat().st_mtime_ns for p in sweep.out.rglob("*") if p.is_file()}
     outcome = run_sweep(path, processes=False, echo=lambda line: None)
     assert outcome.ran == [] and len(outcome.skipped) == TASKS
@@ -180,9 +184,9 @@ def test_changed_setting_reruns_only_what_depends_on_it(finished, data):
     path, _ = finished
     changed = path.with_name("changed.toml")
     changed.write_text(path.read_text().replace('fusion = ["linear", "mlp2"]', 'fusion = ["linear", "mlp3"]'))
-    plan = plan_sweep(parse_sweep(changed, EVAL_KINDS))
+    plan = plan_sweep(parse_sweep(changed))
     todo = sorted(j.id for j in plan.todo)
-    mlp3 = [s.id for s in parse_sweep(changed, EVAL_KINDS).settings if s.values["fusion"] == "mlp3"][0]
+    mlp3 = [s.id for s in parse_sweep(changed).settings if s.values["fusion"] == "mlp3"][0]
     assert todo == sorted(f"{kind}-{b}-{mlp3}{suffix}" for b in ARCH
                           for kind, suffix in (("train", ""), ("eval", "-davis"), ("eval", "-metrics")))
 
@@ -206,19 +210,19 @@ def test_failed_task_then_rerun_redoes_no_finished_task(data, monkeypatch):
     from cosettle.trainer import train as train_stage
 
     extract = Counter(extract_stage.extract)
-    train = Counter(train_stage.train, lambda cfg: "mae_vitb" in cfg.out and cfg.fusion == "mlp2")
-    evals = {k: Counter(EVAL_KINDS[k].run) for k in ("davis", "metrics")}
+    train = Counter(train_stage.train, lambda cfg: "mae_vitb" in cfg.out and cfg.options["fusion"] == "mlp2")
+    evals = {k: Counter(discover()[k].run) for k in ("davis", "metrics")}
     monkeypatch.setattr(extract_stage, "extract", extract)
     monkeypatch.setattr(train_stage, "train", train)
     for k, counter in evals.items():
-        monkeypatch.setitem(EVAL_KINDS, k, replace(EVAL_KINDS[k], run=counter))
+        monkeypatch.setitem(TASK_REGISTRY, k, replace(discover()[k], run=counter))
     path = sweep_file(data, "resumed")
     with pytest.raises(SweepError, match=r"(?s)1 task\(s\) failed, 2 not run.*train-mae_vitb-s-\w+: RuntimeError: injected"):
         run_sweep(path, processes=False, echo=lambda line: None)
     assert (len(extract.calls), len(train.calls), sum(len(c.calls) for c in evals.values())) == (2, 4, 10)
-    results = parse_sweep(path, EVAL_KINDS).results
+    results = parse_sweep(path).results
     assert len(rows_by_task(results)) == 10
-    mlp2 = [s.id for s in parse_sweep(path, EVAL_KINDS).settings if s.values["fusion"] == "mlp2"][0]
+    mlp2 = [s.id for s in parse_sweep(path).settings if s.values["fusion"] == "mlp2"][0]
     stamps = {p: p.stat().st_mtime_ns for p in (data / "resumed").rglob("*") if p.is_file()}
     assert not any(f"mae_vitb-{mlp2}" in str(p) or f"mae_vitb/{mlp2}" in str(p) for p in stamps)
 
@@ -240,8 +244,8 @@ def test_killed_sweep_rerun_redoes_no_finished_task(data):
     evaluation has finished, then rerun. The local cluster has one worker process per visible GPU,
     pinned to it and advertising GPU=1; extraction starts a DataLoader worker inside it."""
     path = sweep_file(data, "killed", SWEEP.replace("workers = 0", "workers = 1"))
-    sweep = parse_sweep(path, EVAL_KINDS)
-    fake_gpus = "import torch; torch.cuda.device_count = lambda: 2; from cosettle.eval.sweep import main; main()"
+    sweep = parse_sweep(path)
+    fake_gpus = "import torch; torch.cuda.device_count = lambda: 2; from cosettle.app.sweep import main; main()"
     env = os.environ | {"CUDA_VISIBLE_DEVICES": "3,5,6"}
     proc = subprocess.Popen([sys.executable, "-c", fake_gpus, str(path)], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -279,10 +283,10 @@ def test_gpu_resources_follow_the_workers():
 @pytest.mark.parametrize("kind", ["vip", "jhmdb"])
 def test_vip_and_jhmdb_runners_give_what_cosettle_eval_gives(kind, tmp_path):
     """The sweep's runners apply cosettle-eval's task defaults (preset, input size) and return its summary."""
+    from cosettle.app.results import flat_metrics
     from cosettle.eval import cli as eval_cli
-    from cosettle.eval.sweep import EvalContext, flat_metrics
-    from cosettle.eval.sweep_file import REQUIRED, BackboneEntry, Dataset
-    from cosettle.eval.synthetic import write_jhmdb, write_vip
+    from cosettle.eval.frame.synthetic import write_jhmdb, write_vip
+    from cosettle.eval.task import REQUIRED, TaskContext
 
     root = tmp_path / kind
     extra = {}
@@ -297,12 +301,12 @@ def test_vip_and_jhmdb_runners_give_what_cosettle_eval_gives(kind, tmp_path):
     assert result.exit_code == 0, result.output
     expected = flat_metrics(json.loads((tmp_path / "cli" / "summary.json").read_text()))
 
-    runner = EVAL_KINDS[kind]
+    runner = discover()[kind]
     options = {k: v for k, v in runner.options.items() if v is not REQUIRED} | extra
-    context = EvalContext(BackboneEntry("dino", "dino_vitb", "random", arch), None, Dataset(kind, root=root),
-                          tmp_path / "sweep", tmp_path / "c2.zarr", "cpu")
+    context = TaskContext("dino_vitb", "random", tmp_path / "sweep", arch, root=root, cache=tmp_path / "c2.zarr",
+                          device="cpu")
     (tmp_path / "sweep").mkdir()
-    assert runner.run(context, options) == pytest.approx(expected)
+    assert flat_metrics(runner.run(context, options)) == pytest.approx(expected)
 
 
 # -- malformed sweep files ------------------------------------------------------------------------
@@ -341,7 +345,7 @@ def test_malformed_sweep_file_names_line_and_field(data, change, blamed, field, 
     assert text != SWEEP
     path = sweep_file(data, "bad", text)
     with pytest.raises(SweepFileError) as info:
-        parse_sweep(path, EVAL_KINDS)
+        parse_sweep(path)
     message = str(info.value)
     line = line_of(text.format(out="bad"), blamed.format(out="bad"))
     prefix = f"{path}:{line}:" + (f" {field}:" if field else "")

@@ -6,14 +6,14 @@ import sys
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
-
 from cosettle.pipeline.store import open_store
 from cosettle.trainer.data import batches_per_epoch, chunk_table, epoch_plan
 from cosettle.trainer.losses import cosettle_loss
-from cosettle.trainer.projection import build_projection, load_projection
+from cosettle.trainer.projection import build_projection
 from cosettle.trainer.schedule import lr_at
 from cosettle.trainer.synthetic import write_synthetic_store
+from cosettle.trainer.trained import load_trained
+from safetensors.torch import load_file
 
 
 def test_two_process_run_averages_gradients_over_distinct_chunks(tmp_path):
@@ -33,7 +33,7 @@ def test_two_process_run_averages_gradients_over_distinct_chunks(tmp_path):
     for p in ranks:
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err[-2000:]
-    trained, cfg = load_projection(out)
+    trained, cfg = load_trained(out)
     assert cfg["world_size"] == 2 and cfg["effective_batch"] == 6
 
     # Replay: each step's loss is the mean of the two ranks' batch losses (DDP averages gradients).

@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file
-
 from cosettle.pipeline.store import FeatureStore, StoreError, open_store
 from cosettle.trainer.cli import main
 from cosettle.trainer.config import TrainConfig
 from cosettle.trainer.losses import cosettle_loss
-from cosettle.trainer.projection import ProjectionError, build_projection, load_projection
+from cosettle.trainer.projection import ProjectionError, build_projection
 from cosettle.trainer.run_dir import RunError
 from cosettle.trainer.synthetic import write_synthetic_store
 from cosettle.trainer.train import TrainingError, train
+from cosettle.trainer.trained import load_trained
+from safetensors.torch import load_file
 
 
 @pytest.fixture(autouse=True)
@@ -37,7 +37,7 @@ def small_store(path, **kw):
 def config(stores, out, **kw):
     base = dict(features=tuple(stores), out=str(out), epochs=2, batch_size=4, blr=2.0, device="cpu",
                 shuffle_chunks=2, io_threads=2)
-    return TrainConfig(**(base | kw))
+    return TrainConfig.from_flat(**(base | kw))
 
 
 def read_jsonl(path):
@@ -57,7 +57,7 @@ def test_one_epoch_lowers_the_loss_and_raises_cycle_accuracy(tmp_path):
     store = small_store(tmp_path / "s.zarr", num_videos=48, grid=8, dim=32, chunk_videos=8, invalid=(3, 17), noise=2.0)
     cfg = config([store], tmp_path / "run", epochs=1, batch_size=8, blr=4.0, warmup_epochs=0)
     summary = train(cfg)
-    trained, run_config = load_projection(tmp_path / "run")
+    trained, run_config = load_trained(tmp_path / "run")
     before = store_loss(store, build_projection(32, "linear", seed=0))
     after = store_loss(store, trained)
     assert after["loss"] < before["loss"] - 1.0
@@ -121,7 +121,7 @@ def test_cli_writes_every_output(tmp_path):
     for name in ("config.json", "metrics_steps.jsonl", "metrics_epochs.jsonl", "summary.json", "training.png",
                  "projection.safetensors"):
         assert (out / name).is_file(), name
-    projection, cfg = load_projection(out)
+    projection, cfg = load_trained(out)
     assert cfg["train"]["fusion"] == "mlp2" and cfg["train"]["reg_loss"] == "mse"
     assert cfg["lr"] == pytest.approx(1e-4 * 4 / 256)
     summary = json.loads((out / "summary.json").read_text())
@@ -185,7 +185,7 @@ def test_load_projection_names_a_broken_config(tmp_path, config_text):
     (tmp_path / "config.json").write_text(config_text)
     (tmp_path / "projection.safetensors").write_bytes(b"")
     with pytest.raises(ProjectionError, match="^" + re.escape(f"{tmp_path / 'config.json'}: not a cosettle-train config")):
-        load_projection(tmp_path)
+        load_trained(tmp_path)
 
 
 def test_resume_names_a_damaged_config(tmp_path):

@@ -4,7 +4,6 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from cosettle.pipeline.transforms import apply_view
 from cosettle.pipeline.views import (
     View,

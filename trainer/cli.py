@@ -1,28 +1,38 @@
-"""``cosettle-train``: train the Co-Settle projection from cached feature stores."""
+"""``cosettle-train``: train an objective's trainable module from cached feature stores."""
 from __future__ import annotations
 
 import json
 import sys
+from typing import Callable
 
 import click
-
 from cosettle.pipeline.store import StoreError
 
-from .config import TrainConfig
-from .losses import REG_LOSSES
-from .objectives import OBJECTIVES
-from .projection import FUSIONS, ProjectionError
+from .config import TrainConfig, flag
+from .objective import all_options, discover
+from .projection import ProjectionError
 from .run_dir import RunError
 from .train import TrainingError, train
 
 D = TrainConfig()
 
 
+def objective_options(fn: Callable) -> Callable:
+    """One option per objective setting, unset by default (the chosen objective's default applies)."""
+    for name, declared in sorted(all_options().items(), reverse=True):
+        objective, opt = declared[0]
+        owners = ", ".join(o for o, _ in declared)
+        kind = click.Choice(opt.choices) if opt.choices else type(opt.default)
+        fn = click.option(flag(name), name, default=None, type=kind, show_default=False,
+                          help=f"{opt.help} [{owners}; default: {opt.default}]")(fn)
+    return fn
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--features", multiple=True, required=True, type=click.Path(),
               help="Feature store (NAME.zarr) from cosettle-extract; repeat to combine stores of the same settings.")
 @click.option("--out", required=True, type=click.Path(), help="Run directory (runs/NAME).")
-@click.option("--objective", default=D.objective, type=click.Choice(sorted(OBJECTIVES)))
+@click.option("--objective", default=D.objective, type=click.Choice(sorted(discover())))
 @click.option("--epochs", default=D.epochs, type=int)
 @click.option("--batch-size", default=D.batch_size, type=int, help="Per process; effective = batch x accum x processes.")
 @click.option("--accum-iter", default=D.accum_iter, type=int, help="Gradient accumulation steps.")
@@ -30,10 +40,7 @@ D = TrainConfig()
 @click.option("--min-lr", default=D.min_lr, type=float)
 @click.option("--warmup-epochs", default=D.warmup_epochs, type=float)
 @click.option("--weight-decay", default=D.weight_decay, type=float, help="On weight matrices only.")
-@click.option("--temp", default=D.temp, type=float, help="Softmax temperature of the walk.")
-@click.option("--lambda-reg", default=D.lambda_reg, type=float, help="Weight of the separability term.")
-@click.option("--reg-loss", default=D.reg_loss, type=click.Choice(REG_LOSSES))
-@click.option("--fusion", default=D.fusion, type=click.Choice(list(FUSIONS)))
+@objective_options
 @click.option("--seed", default=D.seed, type=int)
 @click.option("--device", default=D.device, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--shuffle-chunks", default=D.shuffle_chunks, type=int, help="Chunks shuffled together in memory.")
@@ -43,9 +50,9 @@ D = TrainConfig()
 @click.option("--resume", is_flag=True, help="Continue from the run's last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing run directory first.")
 def main(**options) -> None:
-    """Train the Co-Settle projection on cached backbone tokens (no backbone is run)."""
+    """Train an objective (default: Co-Settle's projection) on cached backbone tokens (no backbone is run)."""
     options["features"] = tuple(options["features"])
-    cfg = TrainConfig(**options)
+    cfg = TrainConfig.from_flat(**{k: v for k, v in options.items() if v is not None or k == "max_steps"})
     try:
         cfg.validate()
     except ValueError as e:

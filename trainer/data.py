@@ -17,7 +17,6 @@ from typing import Iterator
 
 import numpy as np
 import torch
-
 from cosettle.pipeline.store import TOKEN_ARRAYS, FeatureStore
 
 _DONE = object()

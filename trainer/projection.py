@@ -5,18 +5,14 @@ LN(W2 tanh(W1 x + b1) + b2); ``mlp3`` = LN(W3 tanh(W2 tanh(W1 x + b1) + b2) + b3
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
+from cosettle.core.errors import first_line
 from safetensors.torch import load_file
 from torch import nn
 
-from cosettle.pipeline.errors import first_line
-
 FUSIONS = {"linear": 1, "mlp2": 2, "mlp3": 3}
-WEIGHTS_FILE = "projection.safetensors"
-CONFIG_FILE = "config.json"
 
 
 class ProjectionError(Exception):
@@ -60,25 +56,3 @@ def load_weights(projection: nn.Module, path: Path) -> None:
         projection.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ProjectionError(f"{path}: does not fit the projection ({first_line(e)})") from None
-
-
-def load_projection(run_dir: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """The trained projection of a finished run (eval mode, on ``device``) and the run's config.
-
-    The config dict is the run's ``config.json``: training settings, the feature stores'
-    provenance (backbone, weights digest, views...) and the environment.
-    """
-    run_dir = Path(run_dir)
-    cfg_path, weights = run_dir / CONFIG_FILE, run_dir / WEIGHTS_FILE
-    if not cfg_path.is_file():
-        raise ProjectionError(f"{run_dir}: not a cosettle-train run directory (no {CONFIG_FILE})")
-    if not weights.is_file():
-        raise ProjectionError(f"{run_dir}: no {WEIGHTS_FILE}; the run has not finished (continue it with --resume)")
-    try:
-        config = json.loads(cfg_path.read_text())
-        dim, fusion = config["dim"], config["train"]["fusion"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ProjectionError(f"{cfg_path}: not a cosettle-train config ({type(e).__name__}: {e})") from None
-    projection = build_projection(dim, fusion)
-    load_weights(projection, weights)
-    return projection.to(device).eval(), config

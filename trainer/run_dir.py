@@ -14,16 +14,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
+from cosettle.core.atomic import aside, write_atomic, write_json
+from cosettle.core.provenance import mismatches
 from safetensors.torch import load_file, save_file
 
-from cosettle.pipeline.provenance import mismatches
-
-from .projection import CONFIG_FILE, WEIGHTS_FILE
-
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "projection.safetensors"  # the trained module, whatever the objective
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "training.png"
 STEPS_FILE = "metrics_steps.jsonl"
@@ -35,22 +34,10 @@ class RunError(Exception):
     """A run directory that cannot be used as asked; the message names it and the problem."""
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-
-
-def write_json(path: Path, obj: object) -> None:
-    """Write ``obj`` as JSON aside and rename it into place."""
-    tmp = _tmp(path)
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def save_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write a safetensors state dict aside and rename it into place."""
-    tmp = _tmp(path)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def read_json(path: Path) -> dict:
@@ -125,9 +112,8 @@ class RunDir:
         """Drop metric lines past ``step`` (written after the checkpoint a resumed run starts from)."""
         for name in (STEPS_FILE, EPOCHS_FILE):
             kept = [r for r in self.records(name) if r["step"] <= step]
-            tmp = _tmp(self.file(name))
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, self.file(name))
+            text = "".join(json.dumps(r) + "\n" for r in kept)
+            write_atomic(self.file(name), lambda tmp: tmp.write_text(text))
 
     # -- checkpoints ---------------------------------------------------------------------------
     def latest_checkpoint(self) -> Path | None:
@@ -143,7 +129,7 @@ class RunDir:
         """Write a checkpoint aside, point LATEST at it, then delete the older ones."""
         name = f"step-{step:08d}"
         final = self.checkpoints / name
-        tmp = _tmp(final)
+        tmp = aside(final)
         tmp.mkdir()
         save_weights(tmp / WEIGHTS_FILE, weights, metadata)
         torch.save(state, tmp / STATE_FILE)
@@ -151,9 +137,7 @@ class RunDir:
             shutil.rmtree(final)
         os.rename(tmp, final)
         pointer = self.checkpoints / "LATEST"
-        ptmp = _tmp(pointer)
-        ptmp.write_text(name + "\n")
-        os.replace(ptmp, pointer)
+        write_atomic(pointer, lambda tmp: tmp.write_text(name + "\n"))
         for old in self.checkpoints.iterdir():
             if old.is_dir() and old.name != name:
                 shutil.rmtree(old)

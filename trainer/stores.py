@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cosettle.pipeline.provenance import mismatches
+from cosettle.core.provenance import mismatches
 from cosettle.pipeline.store import FeatureStore, StoreError, open_store
 
 # Stores combine when they differ only in which videos they hold (shards, or several datasets).

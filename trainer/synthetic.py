@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-
 from cosettle.pipeline.store import FeatureStore, StoreSettings, create_or_open, videos_digest
 
 

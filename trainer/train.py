@@ -14,19 +14,16 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+from cosettle.core.devices import resolve_device
+from cosettle.core.provenance import environment, now_utc, sha256_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
-
-from cosettle.pipeline.checkpoints import sha256_file
-from cosettle.pipeline.extract import resolve_device
-from cosettle.pipeline.provenance import environment, now_utc
 
 from .config import TrainConfig
 from .data import ChunkReader, batches_per_epoch, chunk_table, epoch_plan
 from .distributed import World, barrier, close, join, mean_across, world_from_env
-from .objectives import build_objective
+from .objective import get_objective
 from .plots import plot_run
-from .projection import build_projection
 from .run_dir import EPOCHS_FILE, STEPS_FILE, RunDir
 from .schedule import build_optimizer, lr_at, scaled_lr, set_lr
 from .stores import open_stores, provenance
@@ -123,7 +120,8 @@ def _train(cfg: TrainConfig, world: World, device: torch.device) -> dict | None:
     barrier(world)
 
     # -- the projection, its optimizer, and the checkpoint to resume from ---------------------
-    projection = build_projection(dim, cfg.fusion, cfg.seed).to(device)
+    spec = get_objective(cfg.objective)
+    projection = spec.build_model(dim, cfg.options, cfg.seed).to(device)
     optimizer = build_optimizer(projection, peak_lr, cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     step = 0
@@ -141,9 +139,9 @@ def _train(cfg: TrainConfig, world: World, device: torch.device) -> dict | None:
     if world.main:
         run.truncate_metrics(step)
     model = DistributedDataParallel(projection, device_ids=[device.index] if device.type == "cuda" else None) if world.size > 1 else projection
-    objective = build_objective(cfg)
+    objective = spec.build_loss(cfg.options)
     reader = ChunkReader(stores, chunks, io_threads=cfg.io_threads, window=cfg.shuffle_chunks, pin_memory=amp)
-    weights_meta = {"fusion": cfg.fusion, "dim": str(dim), "objective": cfg.objective}
+    weights_meta = {"dim": str(dim), "objective": cfg.objective} | {k: str(v) for k, v in cfg.options.items()}
 
     def save_checkpoint() -> None:
         if world.main:

@@ -15,19 +15,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-
+from cosettle.core.devices import resolve_device  # noqa: E402
+from cosettle.eval.frame.analysis_report import analyse  # noqa: E402
+from cosettle.eval.frame.propagation import preset  # noqa: E402
+from cosettle.eval.frame.run import EvalConfig  # noqa: E402
+from cosettle.eval.frame.synthetic import write_davis  # noqa: E402
+from cosettle.eval.tasks.davis import evaluate_davis  # noqa: E402
 from cosettle.pipeline.backbones import load_backbone  # noqa: E402
-from cosettle.pipeline.extract import ExtractConfig, extract, resolve_device  # noqa: E402
+from cosettle.pipeline.extract import ExtractConfig, extract  # noqa: E402
 from cosettle.pipeline.synthetic import moving_scene, write_frame_folder, write_video_file  # noqa: E402
 from cosettle.trainer.config import TrainConfig  # noqa: E402
-from cosettle.trainer.projection import load_projection  # noqa: E402
 from cosettle.trainer.train import train  # noqa: E402
-
-from .analysis_report import analyse  # noqa: E402
-from .davis import evaluate_davis  # noqa: E402
-from .propagation import preset  # noqa: E402
-from .run import EvalConfig  # noqa: E402
-from .synthetic import write_davis  # noqa: E402
+from cosettle.trainer.trained import load_trained  # noqa: E402
 
 # (label, where it comes from, key) of the before/after table; higher is better for all but distances.
 ROWS = (
@@ -105,7 +104,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     }
     device = resolve_device(cfg.device)
     backbone = load_backbone(cfg.backbone, "random", device=device, arch=cfg.arch)
-    projection, _ = load_projection(run, device)
+    projection, _ = load_trained(run, device)
     clips = sorted(p for p in videos.iterdir() if not p.name.startswith("."))[: cfg.analysis_videos]
     analysis = analyse(clips, backbone, projection, device)
     sources = {"baseline": {"davis": davis_scores["baseline"], "analysis": analysis["baseline"]},

@@ -20,9 +20,8 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-
 from cosettle.pipeline.transforms import IMAGENET_MEAN
+from PIL import Image
 
 VOID = 255
 WINDOWS = ("square", "disk")

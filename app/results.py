@@ -8,12 +8,11 @@ metric the evaluation returned (absent columns read as null).
 """
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from cosettle.core.atomic import write_atomic
 
 METRIC = "metric."
 TRAIN = "train."
@@ -56,6 +55,17 @@ def part_path(results: Path, task: str, provenance: str) -> Path:
     return Path(results) / f"{task}-{provenance[:16]}.parquet"
 
 
+def flat_metrics(summary: dict, prefix: str = "") -> dict[str, float]:
+    """The numbers of a task's summary, nested keys joined with '/' (missing values left out)."""
+    out = {}
+    for k, v in summary.items():
+        if isinstance(v, dict):
+            out |= flat_metrics(v, f"{prefix}{k}/")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
 def _arrow_type(value) -> pa.DataType:
     if isinstance(value, bool):
         return pa.bool_()
@@ -86,11 +96,8 @@ def write_row(results: Path, row: dict, settings: dict, metrics: dict[str, float
     """Add one evaluation's row to the table at ``results`` (atomic; safe with concurrent writers)."""
     results = Path(results)
     results.mkdir(parents=True, exist_ok=True)
-    path = part_path(results, row["task"], row["provenance"])
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    pq.write_table(row_table(row, settings, metrics), tmp)
-    os.replace(tmp, path)
-    return path
+    table = row_table(row, settings, metrics)
+    return write_atomic(part_path(results, row["task"], row["provenance"]), lambda tmp: pq.write_table(table, tmp))
 
 
 def read_results(path: Path) -> pa.Table:

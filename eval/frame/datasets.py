@@ -9,10 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from cosettle.core.listfiles import ListFileError, read_list_file
+from cosettle.eval.frame.davis_score import read_split
 from PIL import Image, UnidentifiedImageError
-
-from cosettle.eval.davis_score import read_split
-from cosettle.pipeline.videos import VideoError, read_list_file
 
 
 class DatasetError(Exception):
@@ -91,7 +90,7 @@ def _list_lines(path: Path) -> list[str]:
         raise DatasetError(f"{path}: video list not found")
     try:
         return read_list_file(path)
-    except VideoError as e:
+    except ListFileError as e:
         raise DatasetError(str(e)) from None
 
 

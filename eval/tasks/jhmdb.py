@@ -10,17 +10,20 @@ import csv
 import itertools
 from pathlib import Path
 
+import click
 import numpy as np
 import torch
+from cosettle.eval.cli_options import CONTEXT, one_line_errors
+from cosettle.eval.frame.datasets import DatasetError, Video, jhmdb_videos
+from cosettle.eval.frame.features import FeatureSource
+from cosettle.eval.frame.keypoints import decode_keypoints, joint_heatmaps, pck, pck_distances, read_jhmdb_joints
+from cosettle.eval.frame.propagation import PropagationSettings, propagate
+from cosettle.eval.frame.propagation_task import config_from_cli, propagation_options, propagation_task
+from cosettle.eval.frame.run import EvalConfig, open_source, write_json, write_record
+from cosettle.eval.task import REQUIRED, register
 from tqdm import tqdm
 
-from cosettle.eval.datasets import DatasetError, Video, jhmdb_videos
-from cosettle.eval.features import FeatureSource
-from cosettle.eval.keypoints import decode_keypoints, joint_heatmaps, pck, pck_distances, read_jhmdb_joints
-from cosettle.eval.propagation import PropagationSettings, propagate
-from cosettle.eval.run import EvalConfig, open_source, write_json, write_record
-
-# The task's defaults, used by cosettle-eval and cosettle-sweep alike (CRW's protocol: 320x320, aspect not kept).
+# The task's defaults (CRW's protocol: 320x320, aspect not kept).
 DEFAULT_PRESET = "crw"
 INPUT_SIZE = (320, 320)
 
@@ -94,3 +97,22 @@ def format_table(summary: dict) -> str:
         lines.append(j.ljust(width) + "".join("n/a".rjust(10) if v is None else f"{v:10.3f}" for v in values))
     lines.append("mean".ljust(width) + "".join(f"{summary[k]:10.3f}" for k in keys))
     return "\n".join(lines)
+
+
+@click.command(context_settings=CONTEXT)
+@click.option("--root", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="JHMDB folder (Rename_Images/, joint_positions/).")
+@click.option("--split", required=True, type=click.Path(exists=True, path_type=Path),
+              help="Test list (class/video per line, e.g. data_manifests/jhmdb_split1_test.txt) or the official splits/ folder.")
+@click.option("--split-number", default=1, type=click.IntRange(1, 3), help="With a splits/ folder: which split's test videos.")
+@propagation_options
+@one_line_errors
+def command(**kw) -> None:
+    """JHMDB pose propagation (CRW protocol, 320x320): PCK@0.1 and PCK@0.2 per joint and mean."""
+    split, number = kw.pop("split"), kw.pop("split_number")
+    summary = evaluate_jhmdb(config_from_cli(kw, DEFAULT_PRESET, {"size": INPUT_SIZE}), split, number)
+    click.echo(format_table(summary))
+
+
+register(propagation_task("jhmdb", "JHMDB pose propagation (PCK)", command, evaluate_jhmdb, DEFAULT_PRESET,
+                          {"size": INPUT_SIZE}, {"split": REQUIRED}, ("split",)))

@@ -9,17 +9,20 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import click
 import numpy as np
+from cosettle.eval.cli_options import CONTEXT, one_line_errors
+from cosettle.eval.frame.datasets import vip_videos
+from cosettle.eval.frame.palette import read_indexed_png, save_indexed_png
+from cosettle.eval.frame.propagation import segment_video
+from cosettle.eval.frame.propagation_task import config_from_cli, propagation_options, propagation_task
+from cosettle.eval.frame.run import EvalConfig, open_source, write_json, write_record
+from cosettle.eval.frame.segmentation_metrics import VIP_CLASSES, confusion_matrix, miou
+from cosettle.eval.task import register
 from PIL import Image
 from tqdm import tqdm
 
-from cosettle.eval.datasets import vip_videos
-from cosettle.eval.palette import read_indexed_png, save_indexed_png
-from cosettle.eval.propagation import segment_video
-from cosettle.eval.run import EvalConfig, open_source, write_json, write_record
-from cosettle.eval.segmentation_metrics import VIP_CLASSES, confusion_matrix, miou
-
-# The task's defaults, used by cosettle-eval and cosettle-sweep alike (560x560, a 35x35 grid at stride 16).
+# The task's defaults (560x560, a 35x35 grid at stride 16).
 DEFAULT_PRESET = "dino"
 INPUT_SIZE = (560, 560)
 
@@ -65,3 +68,20 @@ def format_table(summary: dict) -> str:
     width = max(len(name) for name in summary["IoU"])
     lines = [f"{name.ljust(width)}  {'n/a' if value is None else f'{value:.3f}'}" for name, value in summary["IoU"].items()]
     return "\n".join(lines + [f"{'mIoU'.ljust(width)}  {summary['mIoU']:.3f}"])
+
+
+@click.command(context_settings=CONTEXT)
+@click.option("--root", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="VIP_Fine folder (Images/, Annotations/Category_ids/, lists/).")
+@click.option("--split", default="val", help="Video list lists/<split>_videos.txt.")
+@propagation_options
+@one_line_errors
+def command(**kw) -> None:
+    """VIP part propagation (560x560): per-class IoU and mIoU over all frames, frame 0 included."""
+    split = kw.pop("split")
+    summary = evaluate_vip(config_from_cli(kw, DEFAULT_PRESET, {"size": INPUT_SIZE}), split)
+    click.echo(format_table(summary))
+
+
+register(propagation_task("vip", "VIP human part propagation (mIoU)", command, evaluate_vip, DEFAULT_PRESET,
+                          {"size": INPUT_SIZE}, {"split": "val"}))

@@ -1,18 +1,17 @@
 """What every propagation evaluation shares: its settings, the feature source it opens, its record."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
-from cosettle.eval.features import FeatureSource, projection_provenance
-from cosettle.eval.propagation import PRESETS, PropagationSettings
+from cosettle.core.atomic import write_json as atomic_json
+from cosettle.core.devices import resolve_device
+from cosettle.core.provenance import environment, now_utc
+from cosettle.eval.frame.features import FeatureSource
+from cosettle.eval.frame.propagation import PRESETS, PropagationSettings
+from cosettle.eval.trained_run import open_run
 from cosettle.pipeline.backbones import load_backbone
-from cosettle.pipeline.extract import resolve_device
-from cosettle.pipeline.provenance import environment, now_utc
-from cosettle.trainer.projection import load_projection
 
 
 @dataclass
@@ -38,8 +37,7 @@ def open_source(cfg: EvalConfig) -> tuple[FeatureSource, dict]:
     backbone = load_backbone(cfg.backbone, cfg.weights, device=device, arch=cfg.arch)
     projection, proj_info = cfg.projection, None
     if isinstance(projection, (str, Path)):
-        projection, config = load_projection(Path(projection), device)
-        proj_info = projection_provenance(config, Path(cfg.projection), backbone)
+        projection, proj_info = open_run(Path(projection), backbone, device)
     elif projection is not None:
         proj_info = {"module": type(projection).__name__}
     source = FeatureSource(backbone, cfg.settings, cfg.cache, projection, device, cfg.batch_size)
@@ -53,9 +51,9 @@ def open_source(cfg: EvalConfig) -> tuple[FeatureSource, dict]:
 
 
 def write_json(path: Path, obj: object) -> None:
-    """Write ``obj`` as indented JSON, creating the parent folder."""
+    """Write ``obj`` as indented JSON (atomically), creating the parent folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+    atomic_json(path, obj, sort_keys=False)  # keep the order tables are written in
 
 
 def write_record(out: Path, task: str, record: dict, results: dict) -> None:

@@ -25,7 +25,6 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on clusters
 import matplotlib.pyplot as plt  # noqa: E402
-
 from cosettle.pipeline.backbones import BACKBONES  # noqa: E402
 
 from .results import BASELINE, METRIC, PROJECTION, ResultsError, read_results  # noqa: E402

@@ -12,12 +12,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
-
-from cosettle.eval.analysis import cycle_accuracy, diameter, effective_rank, inter_video_distance, intra_video_distance
+from cosettle.eval.frame.analysis import (
+    cycle_accuracy,
+    diameter,
+    effective_rank,
+    inter_video_distance,
+    intra_video_distance,
+)
 from cosettle.pipeline.backbones import Backbone
 from cosettle.pipeline.transforms import normalize, to_float
 from cosettle.pipeline.videos import open_video
+from tqdm import tqdm
 
 RESIZE = 256
 PERCENTILES = (90, 95, 100)

@@ -17,11 +17,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import zarr
-
-from cosettle.eval.datasets import Video, read_frame
-from cosettle.eval.propagation import PropagationSettings, grid_size
+from cosettle.core.provenance import environment, mismatches, now_utc
+from cosettle.eval.frame.datasets import Video, read_frame
+from cosettle.eval.frame.propagation import PropagationSettings, grid_size
 from cosettle.pipeline.backbones import Backbone
-from cosettle.pipeline.provenance import environment, mismatches, now_utc
 from cosettle.pipeline.transforms import normalize, to_float
 
 ATTR = "cosettle_eval_features"
@@ -102,16 +101,6 @@ class FeatureCache:
         array.attrs.update({"frames": [f.name for f in video.frames], "frames_sha256": frames_fingerprint(video.frames),
                             "source_hw": list(source_hw), "input_hw": list(input_hw), "complete": False})
         return array
-
-
-def projection_provenance(config: dict, run_dir: Path, backbone: Backbone) -> dict:
-    """Check that a trained projection belongs to ``backbone``; return what results should record."""
-    for key, ours in (("backbone", backbone.name), ("weights_sha256", backbone.weights_sha256), ("dim", backbone.dim)):
-        if config.get(key) != ours:
-            raise CacheError(f"{run_dir}: projection trained on {key} {config.get(key)!r}, "
-                             f"but the evaluated backbone has {ours!r}")
-    return {"run_dir": str(Path(run_dir).resolve()), "fusion": config.get("train", {}).get("fusion"),
-            "created": config.get("created"), "backbone": config["backbone"], "weights_sha256": config["weights_sha256"]}
 
 
 class FeatureSource:

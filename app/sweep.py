@@ -1,0 +1,142 @@
+"""``cosettle-sweep SWEEP.toml``: the plan of a sweep (:mod:`cosettle.app.sweep_plan`) run as one
+graph of Dask futures, on a local cluster or an existing one; a failed task stops only what
+depends on it, and rerunning the same file does only what is left."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import click
+import dask
+import torch
+from cosettle.core.listfiles import ListFileError
+from cosettle.pipeline.videos import VideoError
+from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster, as_completed
+
+from .sweep_file import Sweep, parse_sweep
+from .sweep_plan import Plan, output_of, plan_sweep
+from .sweep_tasks import RUN, SweepError
+from .sweep_toml import SweepFileError
+
+
+@dataclass
+class Outcome:
+    """What a sweep did: jobs it ran, found done, saw fail, or could not start (upstream failed)."""
+
+    ran: list[str]
+    skipped: list[str]
+    failed: dict[str, str]
+    blocked: dict[str, str]
+
+
+def _gpu_resources(client) -> dict | None:
+    """One GPU per task when the cluster's workers advertise GPUs."""
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    return {"GPU": 1} if any(w.get("resources", {}).get("GPU") for w in workers) else None
+
+
+def execute(plan: Plan, client, echo: Callable[[str], None] = print) -> Outcome:
+    """Submit the jobs not done yet, dependencies as futures, and wait for all of them."""
+    resources = _gpu_resources(client)
+    token = uuid.uuid4().hex[:8]
+    futures, owner = {}, {}
+    for job in plan.todo:
+        args = [futures.get(d, plan.done.get(d)) if d else None for d in job.inputs]
+        fut = client.submit(RUN[type(job)], job, *args, key=f"{job.id}-{token}", resources=resources, pure=False)
+        futures[job.id] = fut
+        owner[fut.key] = job.id
+    outcome = Outcome([], sorted(plan.done), {}, {})
+    for i, fut in enumerate(as_completed(list(futures.values())), start=1):
+        ident = owner[fut.key]
+        job = plan.jobs[ident]
+        if fut.status == "finished":
+            outcome.ran.append(ident)
+            echo(f"[{i}/{len(futures)}] {ident}: done")
+            continue
+        upstream = [d for d in job.inputs if d in futures and futures[d].status == "error"]
+        if upstream:
+            outcome.blocked[ident] = upstream[0]
+            echo(f"[{i}/{len(futures)}] {ident}: not run, {upstream[0]} failed")
+        else:
+            error = fut.exception()
+            outcome.failed[ident] = f"{type(error).__name__}: {str(error).strip()}".splitlines()[0]
+            echo(f"[{i}/{len(futures)}] {ident}: FAILED ({outcome.failed[ident]})")
+    return outcome
+
+
+def local_cluster(workers: int, processes: bool = True):
+    """One worker per GPU (pinned with CUDA_VISIBLE_DEVICES, resource GPU=1), else ``workers``
+    CPU workers sharing the cores; worker processes may start DataLoader workers."""
+    gpus = torch.cuda.device_count()
+    per_worker = max(1, (os.cpu_count() or 1) // (gpus or workers))
+    env = {"OMP_NUM_THREADS": str(per_worker)}
+    # Dask's worker processes are daemons by default, and daemons may not start DataLoader workers.
+    with dask.config.set({"distributed.worker.daemon": False}):
+        if gpus:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            ids = visible.split(",")[:gpus] if visible else [str(i) for i in range(gpus)]
+            spec = {f"gpu{g}": {"cls": Nanny, "options": {"nthreads": 1, "resources": {"GPU": 1},
+                                                           "silence_logs": logging.WARN,
+                                                           "env": env | {"CUDA_VISIBLE_DEVICES": g}}} for g in ids}
+            return SpecCluster(workers=spec, scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}},
+                               silence_logs=logging.WARN)  # as LocalCluster
+        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=processes, dashboard_address=":0",
+                            **({"env": env} if processes else {}))
+
+
+def run_sweep(sweep: Sweep | Path, scheduler: str | None = None, workers: int | None = None,
+              processes: bool = True, echo: Callable[[str], None] = print, scheduler_file: Path | None = None) -> Outcome:
+    """Plan and run a sweep on a Dask cluster (``scheduler`` address or ``scheduler_file``, else a
+    new local one).
+
+    Raises SweepError naming the failed tasks once every runnable task has finished.
+    """
+    sweep = sweep if isinstance(sweep, Sweep) else parse_sweep(sweep)
+    plan = plan_sweep(sweep)
+    echo(f"{sweep.file}: {len(plan.jobs)} tasks, {len(plan.done)} already done, {len(plan.todo)} to run")
+    if plan.todo:
+        if scheduler or scheduler_file:
+            with Client(scheduler, scheduler_file=str(scheduler_file) if scheduler_file else None) as client:
+                outcome = execute(plan, client, echo)
+        else:
+            with local_cluster(workers or sweep.workers, processes) as cluster, Client(cluster) as client:
+                outcome = execute(plan, client, echo)
+    else:
+        outcome = Outcome([], sorted(plan.done), {}, {})
+    if outcome.failed:
+        lines = [f"{k}: {v}" for k, v in sorted(outcome.failed.items())]
+        raise SweepError(f"{sweep.file}: {len(outcome.failed)} task(s) failed, {len(outcome.blocked)} not run; "
+                         f"rerun the sweep to retry them\n  " + "\n  ".join(lines))
+    echo(f"results: {sweep.results} (render with: cosettle report {sweep.results})")
+    return outcome
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.argument("sweep_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--scheduler", default=None, help="Address of a running Dask scheduler (default: a local cluster).")
+@click.option("--scheduler-file", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The scheduler file of a running Dask scheduler (dask scheduler --scheduler-file).")
+@click.option("--workers", default=None, type=click.IntRange(min=1),
+              help="Local CPU workers (default: [sweep] workers); with GPUs, one worker per GPU.")
+@click.option("--dry-run", is_flag=True, help="Print every task, whether it is done, and its output; run nothing.")
+def main(sweep_file: Path, scheduler: str | None, scheduler_file: Path | None, workers: int | None,
+         dry_run: bool) -> None:
+    """Run every backbone x training setting x evaluation of SWEEP_FILE; rerunning finishes what is left."""
+    try:
+        sweep = parse_sweep(sweep_file)
+        if dry_run:
+            plan = plan_sweep(sweep)
+            for job in plan.jobs.values():
+                click.echo(f"{'done' if job.id in plan.done else 'todo'}  {job.id}  {output_of(job)}")
+            return
+        if scheduler and scheduler_file:
+            raise click.UsageError("give --scheduler or --scheduler-file, not both")
+        run_sweep(sweep, scheduler=scheduler, workers=workers, scheduler_file=scheduler_file)
+    except (SweepFileError, SweepError, VideoError, ListFileError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)

@@ -1,0 +1,1 @@
+"""Foundation helpers shared by every stage: one-line errors, provenance, devices, list files, atomic writes."""

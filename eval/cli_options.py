@@ -1,0 +1,65 @@
+"""Command-line pieces every evaluation task's command shares: backbone options, one-line errors."""
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+from cosettle.core.listfiles import ListFileError
+from cosettle.eval.frame.datasets import DatasetError
+from cosettle.eval.frame.features import CacheError
+from cosettle.pipeline.backbones import BACKBONES
+from cosettle.pipeline.checkpoints import CheckpointError
+from cosettle.pipeline.videos import VideoError
+from cosettle.trainer.projection import ProjectionError
+
+ERRORS = (DatasetError, CacheError, CheckpointError, ProjectionError, VideoError, ListFileError, FileNotFoundError,
+          ValueError, KeyError)
+CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"]}
+
+
+def one_line_errors(fn: Callable) -> Callable:
+    """Turn the toolkit's errors (which name the file) into one-line click errors."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ERRORS as e:
+            message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)  # str() of a KeyError adds quotes
+            raise click.ClickException(str(message).splitlines()[0]) from None
+    return wrapper
+
+
+def _parse_arch(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        arch = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"not JSON ({e})") from None
+    if not isinstance(arch, dict):
+        raise click.BadParameter("must be a JSON object")
+    return arch
+
+
+def backbone_options(fn: Callable, required: bool = True, batch_size: int = 8) -> Callable:
+    """--backbone, --weights, --projection, --device, --batch-size and the hidden --arch."""
+    options = [
+        click.option("--backbone", required=required, type=click.Choice(list(BACKBONES)), help="Registered backbone."),
+        click.option("--weights", required=required, help="Official release checkpoint file, or 'random'."),
+        click.option("--projection", default="none", help="'none' (frozen backbone) or a cosettle-train run directory."),
+        click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N."),
+        click.option("--batch-size", default=batch_size, type=click.IntRange(min=1), help="Frames per backbone forward pass."),
+        click.option("--arch", default=None, callback=_parse_arch, hidden=True,
+                     help="JSON of timm architecture overrides (tiny test models)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def projection_path(value: str) -> Path | None:
+    """The --projection value: None for 'none' (the frozen backbone), else the run directory."""
+    return None if value.lower() == "none" else Path(value)

@@ -1,0 +1,1 @@
+"""Frame-level evaluation: label propagation, the DAVIS/JHMDB/VIP readers and scorers, the analysis metrics."""

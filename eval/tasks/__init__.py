@@ -1,0 +1,1 @@
+"""Evaluation tasks, one module each; discovered by :mod:`cosettle.eval.task`."""

@@ -1,0 +1,27 @@
+"""A trained run applied at evaluation: loaded for one backbone, and what results record of it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from cosettle.pipeline.backbones import Backbone
+from cosettle.trainer.projection import ProjectionError
+from cosettle.trainer.trained import load_trained, run_options
+
+
+def run_provenance(config: dict, run_dir: Path, backbone: Backbone) -> dict:
+    """Check that a trained run belongs to ``backbone``; return what results should record of it."""
+    for key, ours in (("backbone", backbone.name), ("weights_sha256", backbone.weights_sha256), ("dim", backbone.dim)):
+        if config.get(key) != ours:
+            raise ProjectionError(f"{run_dir}: projection trained on {key} {config.get(key)!r}, "
+                                  f"but the evaluated backbone has {ours!r}")
+    objective, options = run_options(config)
+    return {"run_dir": str(Path(run_dir).resolve()), "objective": objective, **options,
+            "created": config.get("created"), "backbone": config["backbone"], "weights_sha256": config["weights_sha256"]}
+
+
+def open_run(run_dir: Path, backbone: Backbone, device: torch.device | str) -> tuple[torch.nn.Module, dict]:
+    """The trained module of ``run_dir`` (eval mode, on ``device``) checked against ``backbone``,
+    and its provenance record."""
+    module, config = load_trained(Path(run_dir), device)
+    return module, run_provenance(config, run_dir, backbone)

@@ -1,0 +1,77 @@
+"""The registry of training objectives on cached features.
+
+An objective is one module in :mod:`cosettle.trainer.objectives` (or a third-party module named
+by a ``cosettle.objectives`` entry point) that calls :func:`register` with an
+:class:`ObjectiveSpec`: its own settings (each an :class:`Option`, exposed as ``cosettle-train
+--NAME`` and as ``[train]`` keys of a sweep file), the trainable module it builds, and the loss.
+Adding an objective is adding a module; nothing here names one.
+
+The loss is built once per run and called per batch: ``loss(model, batch) -> dict`` of 0-d
+tensors, always with a differentiable ``loss``; every other entry is logged as a metric.
+``batch`` maps store array names (``a``, ``b``, ``a_asy``) to tokens [batch, T, D].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from cosettle.core.registry import Registry
+
+Loss = Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting of an objective: its default, help, and the rule a value must follow."""
+
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+    check: Callable[[Any], bool] | None = None
+    requirement: str = ""  # what ``check`` demands, e.g. "must be positive"
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` is not allowed (without the option's name), or None."""
+        if self.choices is not None and value not in self.choices:
+            return f"unknown '{value}' (choose {', '.join(self.choices)})"
+        if self.check is not None and not self.check(value):
+            return f"{self.requirement}, got {value}"
+        return None
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """A named objective: its options, ``build_model(dim, options, seed)`` (the trainable module,
+    seeded from its own generator) and ``build_loss(options)`` (the per-batch loss)."""
+
+    name: str
+    description: str
+    build_model: Callable[[int, dict, int], nn.Module]
+    build_loss: Callable[[dict], Loss]
+    options: dict[str, Option] = field(default_factory=dict)
+
+    def defaults(self) -> dict:
+        return {name: opt.default for name, opt in self.options.items()}
+
+
+REGISTRY: Registry[ObjectiveSpec] = Registry("objective", "cosettle.trainer.objectives", "cosettle.objectives")
+OBJECTIVES = REGISTRY.entries
+discover = REGISTRY.discover
+get_objective = REGISTRY.get
+
+
+def register(spec: ObjectiveSpec) -> ObjectiveSpec:
+    """Add an objective to the registry; a name registered twice is an error."""
+    return REGISTRY.register(spec.name, spec)
+
+
+def all_options() -> dict[str, list[tuple[str, Option]]]:
+    """Option name -> the (objective, option) pairs that declare it, over every objective."""
+    out: dict[str, list[tuple[str, Option]]] = {}
+    for spec in discover().values():
+        for name, opt in spec.options.items():
+            out.setdefault(name, []).append((spec.name, opt))
+    return out
