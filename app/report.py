@@ -4,7 +4,8 @@ Writes, into ``--out`` (default: ``report/`` beside the results):
 
 - ``table.md`` and ``table.csv``: one line per backbone and training setting, baseline vs
   + projection (and the difference) for DAVIS J&F_m, VIP mIoU and JHMDB PCK@0.1, in points
-  (x100), plus the analysis distances when a ``metrics`` evaluation ran;
+  (x100), UCF101/HMDB51 top-1 or Recall@1 of video-level evaluations, plus the analysis
+  distances when a ``metrics`` evaluation ran;
 - ``tradeoff.png``: intra-video vs inter-video distance, an arrow from the frozen backbone to
   its projection for every backbone and setting (needs a ``metrics`` evaluation);
 - ``deltas.png``: projection minus baseline per backbone and setting, one bar per metric.
@@ -25,6 +26,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on clusters
 import matplotlib.pyplot as plt  # noqa: E402
+
 from cosettle.pipeline.backbones import BACKBONES  # noqa: E402
 
 from .results import BASELINE, METRIC, PROJECTION, ResultsError, read_results  # noqa: E402
@@ -47,6 +49,10 @@ HEADLINE = (
     Column("vip", "mIoU", "VIP mIoU"),
     Column("jhmdb", "PCK@0.1", "JHMDB PCK@0.1"),
 )
+# Video-level tasks: top-1 for kNN, linear probe and zero-shot, Recall@1 for retrieval (whichever
+# an evaluation reported).
+VIDEO = tuple(Column(kind, metric, f"{title} {label}") for kind, title in (("ucf101", "UCF101"), ("hmdb51", "HMDB51"))
+              for metric, label in (("top1", "top-1"), ("R@1", "R@1")))
 # The consistency-separability analysis (a ``metrics`` evaluation): distances normalised by the
 # diameter at the max radius, as in the release's figure.
 INTRA = Column("metrics", "intra_video_distance/diameter@100", "intra-video distance", scale=1.0, digits=3)
@@ -108,9 +114,11 @@ def build_lines(rows: list[dict]) -> list[Line]:
 
 
 def table_columns(rows: list[dict]) -> list[tuple[str, Column]]:
-    """(evaluation name, column) for every evaluation in the results with a headline or analysis metric."""
+    """(evaluation name, column) for every evaluation in the results that reported a column's metric."""
     evaluations = sorted({(r["evaluation"], r["eval_kind"]) for r in rows})
-    return [(name, col) for col in HEADLINE + ANALYSIS for name, kind in evaluations if kind == col.kind]
+    reported = {(r["evaluation"], k[len(METRIC):]) for r in rows for k, v in r.items() if k.startswith(METRIC) and v is not None}
+    return [(name, col) for col in HEADLINE + VIDEO + ANALYSIS for name, kind in evaluations
+            if kind == col.kind and (name, col.metric) in reported]
 
 
 def _label(name: str, col: Column) -> str:
@@ -201,7 +209,7 @@ def plot_tradeoff(path: Path, lines: list[Line], evaluation: str) -> int:
 
 def plot_deltas(path: Path, lines: list[Line], columns: list[tuple[str, Column]]) -> int:
     """Grouped bars of projection - baseline (points) per line and headline metric; returns the bars drawn."""
-    headline = [(n, c) for n, c in columns if c in HEADLINE]
+    headline = [(n, c) for n, c in columns if c in HEADLINE + VIDEO]
     many = len({ln.setting for ln in lines}) > 1
     fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(lines) * max(1, len(headline))), 4.5))
     width = 0.8 / max(1, len(headline))
@@ -236,9 +244,10 @@ def render(results: Path, out: Path) -> tuple[dict[str, Path], list[str]]:
         raise ReportError(str(e)) from None
     rows, superseded = current_rows(rows)
     columns = table_columns(rows)
-    if not any(c in HEADLINE for _, c in columns) and not any(c in ANALYSIS for _, c in columns):
+    if not any(c in HEADLINE + VIDEO + ANALYSIS for _, c in columns):
         kinds = sorted({r["eval_kind"] for r in rows})
-        raise ReportError(f"{results}: no DAVIS, VIP, JHMDB or metrics results to report (found: {', '.join(kinds)})")
+        raise ReportError(f"{results}: no DAVIS, VIP, JHMDB, UCF101, HMDB51 or metrics results to report "
+                          f"(found: {', '.join(kinds)})")
     lines = build_lines(rows)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -248,7 +257,7 @@ def render(results: Path, out: Path) -> tuple[dict[str, Path], list[str]]:
     files = {"table.md": out / "table.md", "table.csv": out / "table.csv"}
     files["table.md"].write_text(markdown(lines, columns))
     write_csv(files["table.csv"], lines, columns)
-    if any(c in HEADLINE for _, c in columns):
+    if any(c in HEADLINE + VIDEO for _, c in columns):
         files["deltas.png"] = out / "deltas.png"
         if not plot_deltas(files["deltas.png"], lines, columns):
             notes.append("deltas.png has no bars: no backbone has both a baseline and a projection result")

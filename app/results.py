@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from cosettle.core.atomic import write_atomic
 
 METRIC = "metric."

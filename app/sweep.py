@@ -14,9 +14,10 @@ from typing import Callable
 import click
 import dask
 import torch
+from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster, as_completed
+
 from cosettle.core.listfiles import ListFileError
 from cosettle.pipeline.videos import VideoError
-from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster, as_completed
 
 from .sweep_file import Sweep, parse_sweep
 from .sweep_plan import Plan, output_of, plan_sweep

@@ -10,6 +10,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from distributed import get_worker
+
 from cosettle.core.atomic import write_json
 from cosettle.core.devices import resolve_device
 from cosettle.core.provenance import mismatches, now_utc, package_version
@@ -17,7 +19,6 @@ from cosettle.eval.task import discover
 from cosettle.pipeline import extract as extract_stage
 from cosettle.trainer import train as train_stage
 from cosettle.trainer.run_dir import RunDir
-from distributed import get_worker
 
 from . import results as results_table
 from .sweep_plan import EvalJob, ExtractJob, TrainJob

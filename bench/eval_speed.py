@@ -12,6 +12,7 @@ import argparse
 import time
 
 import torch
+
 from cosettle.eval.frame.propagation import PRESETS, label_image, propagate
 
 

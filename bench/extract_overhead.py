@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 import torch
+
 from cosettle.core.devices import resolve_device
 from cosettle.pipeline.backbones import load_backbone
 from cosettle.pipeline.extract import BlockForward, ExtractConfig, VideoViews, extract

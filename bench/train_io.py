@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+
 from cosettle.pipeline.backbones import load_backbone
 from cosettle.pipeline.store import TOKEN_ARRAYS, open_store
 from cosettle.pipeline.transforms import apply_view
@@ -34,7 +36,6 @@ from cosettle.trainer.projection import build_projection
 from cosettle.trainer.schedule import build_optimizer
 from cosettle.trainer.synthetic import write_synthetic_store
 from cosettle.trainer.train import train
-from PIL import Image
 
 GRID, DIM = 14, 768
 

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import torch
+
 from cosettle.eval.video.metrics import DEFAULT_CS, knn_classify, linear_probe, recall_at_k
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import click
+
 from cosettle.eval.cli_options import CONTEXT
 from cosettle.eval.task import discover
 

@@ -7,16 +7,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 import click
+
 from cosettle.core.listfiles import ListFileError
 from cosettle.eval.frame.datasets import DatasetError
 from cosettle.eval.frame.features import CacheError
+from cosettle.eval.video.datasets import ActionDataError
+from cosettle.eval.video.text import TextTowerError
 from cosettle.pipeline.backbones import BACKBONES
 from cosettle.pipeline.checkpoints import CheckpointError
 from cosettle.pipeline.videos import VideoError
 from cosettle.trainer.projection import ProjectionError
 
-ERRORS = (DatasetError, CacheError, CheckpointError, ProjectionError, VideoError, ListFileError, FileNotFoundError,
-          ValueError, KeyError)
+ERRORS = (DatasetError, ActionDataError, TextTowerError, CacheError, CheckpointError, ProjectionError, VideoError,
+          ListFileError, FileNotFoundError, ValueError, KeyError)
 CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"]}
 
 

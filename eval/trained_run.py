@@ -4,8 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
+from cosettle.core.provenance import sha256_file
 from cosettle.pipeline.backbones import Backbone
 from cosettle.trainer.projection import ProjectionError
+from cosettle.trainer.run_dir import WEIGHTS_FILE
 from cosettle.trainer.trained import load_trained, run_options
 
 
@@ -16,7 +19,10 @@ def run_provenance(config: dict, run_dir: Path, backbone: Backbone) -> dict:
             raise ProjectionError(f"{run_dir}: projection trained on {key} {config.get(key)!r}, "
                                   f"but the evaluated backbone has {ours!r}")
     objective, options = run_options(config)
-    return {"run_dir": str(Path(run_dir).resolve()), "objective": objective, **options,
+    store = config.get("stores", [{}])[0].get("settings", {})
+    clip_store = {k: store[k] for k in ("plan", "frames", "levels", "pooling")} if store.get("layout") == "clips" else None
+    return {"clip_store": clip_store, "run_dir": str(Path(run_dir).resolve()), "run_weights_sha256": sha256_file(Path(run_dir) / WEIGHTS_FILE),
+            "objective": objective, **options,
             "created": config.get("created"), "backbone": config["backbone"], "weights_sha256": config["weights_sha256"]}
 
 

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
 from cosettle.core.provenance import sha256_file
 
 from .checkpoints import CheckpointError, CheckpointFormat, load_strict, read_state_dict
+from .pooling import NEEDS_CLASS_TOKEN, check_pooling, pool_tokens
 from .views import asy_grid_size
 
 RANDOM = "random"
@@ -95,7 +97,8 @@ register(BackboneSpec(
 
 
 class Backbone(torch.nn.Module):
-    """A frozen ViT returning last-block patch tokens (after the final norm, prefix tokens dropped)."""
+    """A frozen ViT returning last-block patch tokens (after the final norm, prefix tokens dropped),
+    with ``tokens`` its class token, and with ``level_vectors`` pooled vectors of several blocks."""
 
     def __init__(self, spec: BackboneSpec, model: torch.nn.Module, weights: str, weights_sha256: str):
         super().__init__()
@@ -148,6 +151,23 @@ class Backbone(torch.nn.Module):
         windows = [big[:, oy : oy + g, ox : ox + g] for oy, ox in offsets]
         return torch.stack(windows).flatten(2).transpose(1, 2)
 
+    def _patch_grid(self, images: torch.Tensor) -> tuple[int, int]:
+        """The (h, w) patch grid of images [B, 3, H, W]; H, W must be multiples of the patch."""
+        hh, ww = images.shape[-2:]
+        p = self.patch_size
+        if hh % p or ww % p:
+            raise ValueError(f"image size {hh}x{ww} is not a multiple of the patch size {p}")
+        return hh // p, ww // p
+
+    @torch.no_grad()
+    def tokens(self, images: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(class token [B, D], patch tokens [B, h*w, D]) of normalised images from one forward pass,
+        both after the final norm; the class token is None for a backbone without one (ijepa_vitb).
+        The patch tokens are exactly ``patch_features(images)``."""
+        x = self._forward(images, self.patch_pos(*self._patch_grid(images)))
+        cls = x[:, 0] if self.model.cls_token is not None else None  # timm puts the class token first
+        return cls, x[:, self.num_prefix :]
+
     @torch.no_grad()
     def patch_features(self, images: torch.Tensor, asy_offset=None, asy_ratio: float = 10.0) -> torch.Tensor:
         """Patch tokens [B, h*w, D] of normalised images [B, 3, H, W] (H, W multiples of the patch).
@@ -155,23 +175,64 @@ class Backbone(torch.nn.Module):
         ``asy_offset``: None for the standard embedding, one (oy, ox) for the whole batch, or a
         [B, 2] tensor of per-image offsets for the asymmetric window (training-size input only).
         """
-        b, _, hh, ww = images.shape
-        p = self.patch_size
-        if hh % p or ww % p:
-            raise ValueError(f"image size {hh}x{ww} is not a multiple of the patch size {p}")
-        h, w = hh // p, ww // p
         if asy_offset is None:
-            pos = self.patch_pos(h, w)
-        else:
-            if (h, w) != (self.grid, self.grid):
-                raise ValueError(f"the asymmetric embedding needs {self.image_size}px input, got {hh}x{ww}")
-            offsets = torch.as_tensor(asy_offset).reshape(-1, 2)
-            if offsets.shape[0] == 1:
-                offsets = offsets.expand(b, 2)
-            pos = self.asy_patch_pos(offsets, asy_ratio)
-        return self._tokens(images, pos)
+            return self.tokens(images)[1]
+        h, w = self._patch_grid(images)
+        if (h, w) != (self.grid, self.grid):
+            hh, ww = images.shape[-2:]
+            raise ValueError(f"the asymmetric embedding needs {self.image_size}px input, got {hh}x{ww}")
+        offsets = torch.as_tensor(asy_offset).reshape(-1, 2)
+        if offsets.shape[0] == 1:
+            offsets = offsets.expand(images.shape[0], 2)
+        return self._forward(images, self.asy_patch_pos(offsets, asy_ratio))[:, self.num_prefix :]
 
-    def _tokens(self, images: torch.Tensor, patch_pos: torch.Tensor) -> torch.Tensor:
+    @property
+    def depth(self) -> int:
+        """Number of transformer blocks."""
+        return len(self.model.blocks)
+
+    def check_levels(self, levels) -> tuple[int, ...]:
+        """``levels`` as a tuple of 1-based block indices, increasing and within 1..depth."""
+        levels = tuple(int(v) for v in levels)
+        if not levels or any(b <= a for a, b in zip(levels, levels[1:])) or not 1 <= levels[0] <= levels[-1] <= self.depth:
+            raise ValueError(f"levels {list(levels)}: need increasing block indices within 1..{self.depth} "
+                             f"({self.name} has {self.depth} blocks)")
+        return levels
+
+    def check_pooling(self, pooling: str) -> None:
+        """Refuse a pooling this backbone cannot do (cls, cls+mean without a class token)."""
+        check_pooling(pooling)
+        if pooling in NEEDS_CLASS_TOKEN and self.model.cls_token is None:
+            raise ValueError(f"{self.name} has no class token; pooling {pooling!r} needs one (use 'mean')")
+
+    @torch.no_grad()
+    def level_vectors(self, images: torch.Tensor, levels, pooling: str) -> torch.Tensor:
+        """Pooled vectors [B, L, D'] (float32) of normalised images [B, 3, H, W] at several depths.
+
+        ``levels``: 1-based block indices; the tokens after each of those blocks go through the
+        backbone's final norm (as the last block's do in ``tokens``) and are pooled per image by
+        ``pooling`` (``cosettle.pipeline.pooling``). One forward pass, stopped after the deepest
+        level; the last level ``depth`` gives exactly the pooled ``tokens(images)``.
+        """
+        levels = self.check_levels(levels)
+        self.check_pooling(pooling)
+        m = self.model
+        x = self._embed(images, self.patch_pos(*self._patch_grid(images)))
+        out = []
+        for i, block in enumerate(m.blocks[: levels[-1]], start=1):
+            x = block(x)
+            if i in levels:
+                y = m.norm(x).float()  # pooled in float32, also under autocast
+                cls = y[:, 0] if m.cls_token is not None else None
+                out.append(pool_tokens(cls, y[:, self.num_prefix :], pooling))
+        return torch.stack(out, dim=1)
+
+    def _forward(self, images: torch.Tensor, patch_pos: torch.Tensor) -> torch.Tensor:
+        """All tokens [B, prefix + h*w, D] after the final norm, patch positions given."""
+        return self.model.norm(self.model.blocks(self._embed(images, patch_pos)))
+
+    def _embed(self, images: torch.Tensor, patch_pos: torch.Tensor) -> torch.Tensor:
+        """The input of the first block [B, prefix + h*w, D], patch positions given."""
         m = self.model
         x = m.patch_embed(images)  # [B, h, w, D] with dynamic_img_size
         x = x.reshape(x.shape[0], -1, x.shape[-1]) + patch_pos.to(x.dtype)
@@ -185,8 +246,7 @@ class Backbone(torch.nn.Module):
             if not m.no_embed_class:
                 prefix = prefix + m.pos_embed[:, : self.num_prefix]
             x = torch.cat([prefix, x], dim=1)
-        x = m.norm(m.blocks(m.norm_pre(x)))
-        return x[:, self.num_prefix :]
+        return m.norm_pre(x)
 
 
 def create_model(name: str, arch: dict | None = None) -> torch.nn.Module:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
 from cosettle.core.errors import first_line
 
 

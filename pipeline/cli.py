@@ -7,9 +7,15 @@ import click
 
 from .backbones import BACKBONES
 from .checkpoints import CheckpointError
+from .clips import FAST_STRIDE, PLANS, SLOW_STRIDE
 from .extract import AMP_DTYPES, ExtractConfig, extract
+from .extract_config import LAYOUTS
+from .pooling import POOLINGS
 from .store import COMPRESSORS, StoreError
 from .videos import VideoError
+
+CLIPS_ONLY = ("plan", "clip_frames", "levels", "pooling", "slow_stride", "fast_stride")
+VIEWS_ONLY = ("asy_ratio", "clip_gap")
 
 
 def parse_shard(ctx, param, value: str) -> tuple[int, int]:
@@ -23,6 +29,27 @@ def parse_shard(ctx, param, value: str) -> tuple[int, int]:
     return i, n
 
 
+def parse_levels(ctx, param, value: str | None) -> tuple[int, ...] | None:
+    """Click callback: ``4,8,12`` -> (4, 8, 12); None (the last block) when not given."""
+    if value is None:
+        return None
+    try:
+        return tuple(int(x) for x in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not a comma-separated list of block indices, e.g. 4,8,12") from None
+
+
+def check_layout_options(ctx: click.Context, kw: dict) -> None:
+    """Refuse options of the other layout given on the command line."""
+    given = {k for k in kw if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+    other = VIEWS_ONLY if kw["layout"] == "clips" else CLIPS_ONLY
+    wrong = sorted("--" + k.replace("_", "-") for k in given & set(other))
+    if wrong:
+        raise click.UsageError(f"{', '.join(wrong)}: not an option of --layout {kw['layout']}")
+    if kw["layout"] == "clips" and kw["plan"] is None:
+        raise click.UsageError(f"--layout clips needs --plan {'|'.join(PLANS)}")
+
+
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.option("--backbone", required=True, type=click.Choice(list(BACKBONES)), help="Registered backbone.")
 @click.option("--weights", required=True, help="Official release checkpoint file, or 'random'.")
@@ -31,7 +58,8 @@ def parse_shard(ctx, param, value: str) -> tuple[int, int]:
 @click.option("--root", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Base of the relative paths in the list file (default: the list's folder).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Store to write, e.g. k400_mae.zarr.")
-@click.option("--views", default=5, type=click.IntRange(min=1), help="Sampled views per video (one per epoch).")
+@click.option("--views", default=5, type=click.IntRange(min=1),
+              help="Sampled views (clip pairs with --layout clips) per video, one per epoch.")
 @click.option("--seed", default=0, type=int)
 @click.option("--batch-size", default=64, type=click.IntRange(min=1), help="Images per forward pass.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
@@ -46,11 +74,25 @@ def parse_shard(ctx, param, value: str) -> tuple[int, int]:
               help="Blosc codec; features compress by only ~8%.")
 @click.option("--asy-ratio", default=10.0, type=float, help="Asymmetric positional embedding ratio r.")
 @click.option("--clip-gap", default=0.15, type=float, help="Frame gap as a fraction of the video length.")
-def main(**kw) -> None:
-    """Extract A, B and A_asy patch tokens of --views sampled views per video into a Zarr v3 store.
+@click.option("--layout", default="views", type=click.Choice(LAYOUTS),
+              help="views: Co-Settle frame pairs (A, B, A_asy patch tokens); clips: clip pairs of pooled vectors.")
+@click.option("--plan", type=click.Choice(PLANS), help="Clip-pair plan (--layout clips): vthcl slow/fast, cstp overlaps.")
+@click.option("--clip-frames", default=8, type=click.IntRange(min=1), help="Frames T per clip (--layout clips).")
+@click.option("--levels", callback=parse_levels,
+              help="1-based blocks whose outputs (after the final norm) are pooled, e.g. 4,8,12 "
+                   "(--layout clips; default: the last block).")
+@click.option("--pooling", default="cls+mean", type=click.Choice(POOLINGS),
+              help="Per-frame pooling (--layout clips); cls needs a class token.")
+@click.option("--slow-stride", default=SLOW_STRIDE, type=click.IntRange(min=1), help="vthcl: frame stride of clip 1.")
+@click.option("--fast-stride", default=FAST_STRIDE, type=click.IntRange(min=1), help="vthcl: frame stride of clip 2.")
+@click.pass_context
+def main(ctx: click.Context, **kw) -> None:
+    """Extract A, B and A_asy patch tokens of --views sampled views per video into a Zarr v3 store,
+    or, with --layout clips, --views sampled clip pairs per video as pooled per-frame vectors.
 
-    A Parquet manifest of every sampled view is written beside the store (NAME.manifest/).
+    A Parquet manifest of every sampled view or pair is written beside the store (NAME.manifest/).
     """
+    check_layout_options(ctx, kw)
     try:
         extract(ExtractConfig(**kw))
     except (CheckpointError, StoreError, VideoError, KeyError, ValueError) as e:

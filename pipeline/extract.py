@@ -3,54 +3,35 @@
 Decoding and the view transforms run in DataLoader workers, the forward pass in the main process
 (batched, autocast on CUDA), and block writes in a background thread, so the three overlap.
 Work is split into blocks of ``chunk_videos`` videos; shard i of n owns blocks c with c % n == i.
+
+What is sampled and stored is a *layout*: ``ViewsLayout`` here (Co-Settle's frame pairs, arrays
+a, b, a_asy) or ``clip_extract.ClipsLayout`` (clip pairs for VTHCL and CSTP); both provide the
+store settings, the per-video dataset, a block's arrays and its manifest, and share everything else.
 """
 from __future__ import annotations
 
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import torch
-from cosettle.core.devices import resolve_device
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from cosettle.core.devices import resolve_device
+
 from .backbones import Backbone, load_backbone
+from .clip_extract import ClipsLayout
+from .extract_config import AMP_DTYPES, ExtractConfig, check_config
 from .store import TOKEN_ARRAYS, FeatureStore, StoreSettings, create_or_open, videos_digest
 from .transforms import apply_view
 from .videos import VideoError, discover_videos, open_video
-from .views import CLIP_GAP, CROP_RATIO, CROP_SCALE, View, sample_views, video_rng
+from .views import CROP_RATIO, CROP_SCALE, View, sample_views, video_rng
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    """Settings of one extraction run (one shard)."""
-
-    videos: Path
-    out: Path
-    backbone: str
-    weights: str
-    root: Path | None = None
-    views: int = 5
-    seed: int = 0
-    batch_size: int = 64
-    device: str = "auto"
-    amp: str = "bf16"
-    workers: int = 2
-    shard: tuple[int, int] = (0, 1)
-    resume: bool = False
-    overwrite: bool = False
-    chunk_videos: int = 16
-    dtype: str = "float16"
-    compressor: str = "none"
-    asy_ratio: float = 10.0
-    clip_gap: float = CLIP_GAP
-    arch: dict | None = None  # tiny architectures for tests
+__all__ = ["AMP_DTYPES", "BlockForward", "ExtractConfig", "MANIFEST_SCHEMA", "VideoViews", "ViewsLayout",
+           "extract", "store_settings"]
 
 
 class VideoViews(Dataset):
@@ -111,12 +92,19 @@ class BlockForward:
         self.amp = AMP_DTYPES[cfg.amp] if device.type == "cuda" else None
 
     def __call__(self, images: torch.Tensor, offsets: torch.Tensor | None) -> np.ndarray:
+        """Patch tokens [N, T, D] of images [N, 3, S, S], asymmetric offsets [N, 2] or None."""
+        return self.map_batches(
+            lambda x, off: self.backbone.patch_features(x, asy_offset=off, asy_ratio=self.cfg.asy_ratio), images, offsets
+        )
+
+    def map_batches(self, fn, images: torch.Tensor, extra: torch.Tensor | None = None) -> np.ndarray:
+        """``fn(batch, extra rows or None)`` over batches of images (autocast on CUDA), in the store dtype."""
         out = []
         for s in range(0, len(images), self.cfg.batch_size):
             x = images[s : s + self.cfg.batch_size].to(self.device, non_blocking=True)
-            off = None if offsets is None else offsets[s : s + self.cfg.batch_size]
+            e = None if extra is None else extra[s : s + self.cfg.batch_size]
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                f = self.backbone.patch_features(x, asy_offset=off, asy_ratio=self.cfg.asy_ratio)
+                f = fn(x, e)
             out.append(f.to(getattr(torch, self.cfg.dtype)).cpu())
         return torch.cat(out).numpy()
 
@@ -149,18 +137,44 @@ def store_settings(cfg: ExtractConfig, backbone: Backbone, videos: list[str]) ->
     )
 
 
+class ViewsLayout:
+    """Store settings, dataset, block arrays and manifest of a views store (Co-Settle's A, B, A_asy)."""
+
+    name = "views"
+    prefetch = 4  # items per DataLoader worker
+
+    def __init__(self, cfg: ExtractConfig, backbone: Backbone):
+        self.cfg, self.backbone = cfg, backbone
+
+    def settings(self, videos: list[str]) -> StoreSettings:
+        return store_settings(self.cfg, self.backbone, videos)
+
+    def dataset(self, root: Path, todo: list[tuple[int, str]]) -> Dataset:
+        return VideoViews(root, todo, self.cfg, self.backbone.image_size, self.backbone.grid)
+
+    def block_arrays(self, items: list[dict], forward: BlockForward, rows: int, lo: int) -> dict[str, np.ndarray]:
+        shape = (self.backbone.grid * self.backbone.grid, self.backbone.dim)
+        return _block_tokens(items, forward, self.cfg.views, rows, lo, shape, self.cfg.dtype)
+
+    def manifest(self, items: list[dict], statuses: list[str]) -> pa.Table:
+        rows = [r for it, status in zip(items, statuses) for r in _manifest_rows(it, self.cfg.views, status)]
+        return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+
+
+def make_layout(cfg: ExtractConfig, backbone: Backbone) -> ViewsLayout | ClipsLayout:
+    """The layout ``cfg`` asks for; refuses settings the backbone cannot do (e.g. cls without a class token)."""
+    return ClipsLayout(cfg, backbone) if cfg.layout == "clips" else ViewsLayout(cfg, backbone)
+
+
 def extract(cfg: ExtractConfig) -> FeatureStore:
     """Fill (this shard's part of) the store at ``cfg.out``; returns the open store."""
+    check_config(cfg)
     index, count = cfg.shard
-    if not 0 <= index < count:
-        raise ValueError(f"shard {index}/{count}: the index must lie in [0, {count})")
-    if cfg.overwrite and count > 1:
-        # each shard would delete the blocks the others have written
-        raise ValueError(f"{cfg.out}: --overwrite cannot be combined with --shard; delete the store, then start the shards")
     root, videos = discover_videos(cfg.videos, cfg.root)
     device = resolve_device(cfg.device)
     backbone = load_backbone(cfg.backbone, cfg.weights, device=device, arch=cfg.arch)
-    store = create_or_open(cfg.out, store_settings(cfg, backbone, videos), videos,
+    layout = make_layout(cfg, backbone)
+    store = create_or_open(cfg.out, layout.settings(videos), videos,
                            resume=cfg.resume, overwrite=cfg.overwrite, join=count > 1)
     done = store.done()
     blocks = [c for c in range(store.num_blocks) if c % count == index and not done[c]]
@@ -171,11 +185,10 @@ def extract(cfg: ExtractConfig) -> FeatureStore:
         return store
 
     loader = DataLoader(
-        VideoViews(root, todo, cfg, backbone.image_size, backbone.grid), batch_size=None, shuffle=False,
-        num_workers=cfg.workers, pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers else None,
+        layout.dataset(root, todo), batch_size=None, shuffle=False,
+        num_workers=cfg.workers, pin_memory=device.type == "cuda", prefetch_factor=layout.prefetch if cfg.workers else None,
     )
     forward = BlockForward(backbone, cfg, device)
-    shape = (backbone.grid * backbone.grid, backbone.dim)
     skipped = 0
     pending: list[Future] = []
     with ThreadPoolExecutor(max_workers=1) as writer, tqdm(total=len(todo), unit="video", desc=backbone.name,
@@ -190,15 +203,14 @@ def extract(cfg: ExtractConfig) -> FeatureStore:
                     skipped += 1
                     bar.write(f"warning: skipped {item['error']}")
                 items.append(item)
-            tokens = _block_tokens(items, forward, cfg.views, hi - lo, lo, shape, cfg.dtype)
+            arrays = layout.block_arrays(items, forward, hi - lo, lo)
             bar.update(hi - lo)  # after the forward pass, so videos/s and the ETA count finished work
             valid = np.array([it["error"] is None for it in items])
-            rows = [r for it in items for r in _manifest_rows(it, cfg.views, "ok" if it["error"] is None
-                                                               else f"skipped: {it['error']}")]
+            manifest = layout.manifest(items, ["ok" if it["error"] is None else f"skipped: {it['error']}"
+                                               for it in items])
             while pending and (pending[0].done() or len(pending) >= 2):  # surface errors, bound memory
                 pending.pop(0).result()
-            pending.append(writer.submit(store.write_block, c, tokens, valid,
-                                         pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)))
+            pending.append(writer.submit(store.write_block, c, arrays, valid, manifest))
         for f in pending:
             f.result()
     if store.mark_complete_if_done():

@@ -13,26 +13,50 @@ Layout of ``NAME.zarr`` (V videos, K views per video, T tokens of dim D, blocks 
   environment versions, creation time, and ``complete`` once every block is done.
 
 Beside it, ``NAME.manifest/part-BLOCK.parquet``: one row per (video, view) with what was sampled.
+
+That is the ``views`` layout (settings without a ``layout`` key). A ``clips`` store (settings
+``layout: "clips"``, ``ClipStoreSettings``) has the same ``valid``, ``done``, ``videos``, blocks and
+manifest parts, and instead of ``a``, ``b``, ``a_asy``: ``tokens`` [K, V, 2, T, L, D'] (K pairs, two
+clips of T frames, L levels of pooled D'-wide vectors), chunks [1, C, 2, T, L, D'], and ``labels``
+[K, V, 6] int16 (``clips.LABELS``), chunks [1, C, 6]. ``FeatureStore.batch_arrays`` names the arrays
+of a layout that a training batch carries.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
+
 from cosettle.core.provenance import environment, mismatches, now_utc
+
+from .clips import LABELS
 
 FORMAT = 1
 ATTR = "cosettle_store"
-TOKEN_ARRAYS = ("a", "b", "a_asy")
+TOKEN_ARRAYS = ("a", "b", "a_asy")  # the batch arrays of a views store
+CLIP_ARRAYS = ("tokens", "labels")  # the batch arrays of a clips store
+LAYOUT_ARRAYS = {"views": TOKEN_ARRAYS, "clips": CLIP_ARRAYS}
 COMPRESSORS = ("none", "zstd", "lz4")
+
+
+class ArraySpec(NamedTuple):
+    """One per-view array of a layout: [views, videos, ...] chunked [1, chunk_videos, ...]."""
+
+    shape: tuple
+    chunks: tuple
+    dtype: str
+    fill_value: int
+    dimension_names: tuple
 
 
 class StoreError(Exception):
@@ -60,6 +84,7 @@ class StoreSettings:
     videos_sha256: str
     chunk_videos: int
     compressor: str
+    layout: ClassVar[str] = "views"  # not recorded: a store without ``layout`` is a views store
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -73,6 +98,58 @@ class StoreSettings:
     @property
     def num_blocks(self) -> int:
         return -(-self.num_videos // self.chunk_videos)
+
+    def arrays(self) -> dict[str, ArraySpec]:
+        spec = ArraySpec((self.views, self.num_videos, self.tokens, self.dim),
+                         (1, self.chunk_videos, self.tokens, self.dim), self.dtype, 0,
+                         ("view", "video", "token", "channel"))
+        return dict.fromkeys(TOKEN_ARRAYS, spec)
+
+
+@dataclass(frozen=True)
+class ClipStoreSettings:
+    """The settings of a clips store (``layout: "clips"``); ``plan_params`` are recorded flat."""
+
+    backbone: str
+    weights: str
+    weights_sha256: str
+    image_size: int
+    depth: int  # blocks of the backbone
+    backbone_dim: int  # D, the token width
+    plan: str
+    plan_params: dict
+    frames: int  # T
+    levels: tuple[int, ...]  # 1-based block indices
+    pooling: str
+    dim: int  # D', the pooled width
+    dtype: str
+    views: int  # K, pairs per video
+    crop_scale: tuple[float, float]
+    crop_ratio: tuple[float, float]
+    seed: int
+    num_videos: int
+    videos_sha256: str
+    chunk_videos: int
+    compressor: str
+    layout: ClassVar[str] = "clips"
+
+    def as_dict(self) -> dict:
+        d = {"layout": self.layout, **asdict(self)}
+        params = json.loads(json.dumps(d.pop("plan_params")))  # tuples -> lists, as read back
+        d["levels"], d["crop_scale"], d["crop_ratio"] = list(self.levels), list(self.crop_scale), list(self.crop_ratio)
+        return {**d, **params}
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-self.num_videos // self.chunk_videos)
+
+    def arrays(self) -> dict[str, ArraySpec]:
+        k, v, c, t, n = self.views, self.num_videos, self.chunk_videos, self.frames, len(self.levels)
+        return {
+            "tokens": ArraySpec((k, v, 2, t, n, self.dim), (1, c, 2, t, n, self.dim), self.dtype, 0,
+                                ("view", "video", "clip", "frame", "level", "channel")),
+            "labels": ArraySpec((k, v, len(LABELS)), (1, c, len(LABELS)), "int16", -1, ("view", "video", "label")),
+        }
 
 
 def videos_digest(videos: list[str]) -> str:
@@ -107,6 +184,15 @@ class FeatureStore:
             raise StoreError(f"{self.path}: not a cosettle feature store (format {FORMAT} attributes missing)")
         self.meta = meta
         self.settings = meta["settings"]
+        self.layout = self.settings.get("layout", "views")
+        if self.layout not in LAYOUT_ARRAYS:
+            raise StoreError(f"{self.path}: unknown store layout {self.layout!r} (this cosettle reads "
+                             f"{', '.join(LAYOUT_ARRAYS)})")
+
+    @property
+    def batch_arrays(self) -> tuple[str, ...]:
+        """The arrays a training batch carries: ("a", "b", "a_asy") or ("tokens", "labels")."""
+        return LAYOUT_ARRAYS[self.layout]
 
     @property
     def num_blocks(self) -> int:
@@ -134,9 +220,9 @@ class FeatureStore:
         return self.group[name]
 
     def write_block(self, block: int, tokens: dict[str, np.ndarray], valid: np.ndarray, manifest: pa.Table) -> None:
-        """Write one block's tokens [K, rows, T, D], validity and manifest, then mark it done."""
+        """Write one block's ``batch_arrays`` [K, rows, ...], validity and manifest, then mark it done."""
         lo, hi = self.block_rows(block)
-        for name in TOKEN_ARRAYS:
+        for name in self.batch_arrays:
             self.group[name][:, lo:hi] = tokens[name]
         self.group["valid"][lo:hi] = valid
         mdir = manifest_dir(self.path)
@@ -174,15 +260,13 @@ class FeatureStore:
             )
 
 
-def _initialise(path: Path, settings: StoreSettings, videos: list[str]) -> None:
+def _initialise(path: Path, settings: StoreSettings | ClipStoreSettings, videos: list[str]) -> None:
     """Create a fresh store at ``path`` (which must not exist)."""
     s = settings
     g = zarr.open_group(str(path), mode="w-", zarr_format=3)
-    shape = (s.views, s.num_videos, s.tokens, s.dim)
-    chunks = (1, s.chunk_videos, s.tokens, s.dim)
-    for name in TOKEN_ARRAYS:
-        g.create_array(name, shape=shape, chunks=chunks, dtype=s.dtype, fill_value=0,
-                       compressors=_codecs(s.compressor), dimension_names=("view", "video", "token", "channel"))
+    for name, spec in s.arrays().items():
+        g.create_array(name, shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype, fill_value=spec.fill_value,
+                       compressors=_codecs(s.compressor), dimension_names=spec.dimension_names)
     g.create_array("valid", shape=(s.num_videos,), chunks=(s.chunk_videos,), dtype=bool, fill_value=False)
     g.create_array("done", shape=(s.num_blocks,), chunks=(1,), dtype="uint8", fill_value=0)
     g.create_array("videos", shape=(s.num_videos,), chunks=(s.num_videos,), dtype=str)[:] = np.array(videos)
@@ -190,8 +274,8 @@ def _initialise(path: Path, settings: StoreSettings, videos: list[str]) -> None:
                      "created": now_utc(), "complete": False}
 
 
-def create_or_open(path: Path, settings: StoreSettings, videos: list[str], *, resume: bool, overwrite: bool,
-                   join: bool) -> FeatureStore:
+def create_or_open(path: Path, settings: StoreSettings | ClipStoreSettings, videos: list[str], *, resume: bool,
+                   overwrite: bool, join: bool) -> FeatureStore:
     """Open the store a writer fills, creating it atomically if it does not exist.
 
     ``join`` (sharded runs) and ``resume`` accept an existing store with identical settings; a
@@ -215,6 +299,9 @@ def create_or_open(path: Path, settings: StoreSettings, videos: list[str], *, re
             return FeatureStore(path, mode="r+")
         join = True  # another shard created it first
     store = FeatureStore(path, mode="r+")
+    if store.layout != settings.layout:
+        raise StoreError(f"{path}: a {store.layout} store, this run writes a {settings.layout} store; "
+                         "use another path or --overwrite")
     diff = mismatches(settings.as_dict(), store.settings)
     if diff:
         raise StoreError(f"{path}: made with other settings ({'; '.join(diff)}); use another path or --overwrite")

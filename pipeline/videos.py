@@ -5,9 +5,10 @@ import os
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
 from cosettle.core.errors import first_line
 from cosettle.core.listfiles import read_list_file
-from PIL import Image
 
 VIDEO_EXTS = (".mp4", ".webm", ".avi", ".mkv", ".mov")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")

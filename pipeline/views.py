@@ -49,6 +49,20 @@ def sample_frame_pair(n: int, rng: np.random.Generator, clip_gap: float = CLIP_G
     return a, a + gap
 
 
+def sample_crop_size(
+    size: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = CROP_SCALE,
+    ratio: tuple[float, float] = CROP_RATIO,
+) -> tuple[int, int]:
+    """(h, w) of a RandomResizedCrop box on a size x size image: area and aspect ratio drawn."""
+    area = size * size * rng.uniform(*scale)
+    aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+    w = min(int(round(math.sqrt(area * aspect))), size)
+    h = min(int(round(math.sqrt(area / aspect))), size)
+    return h, w
+
+
 def sample_crop(
     size: int,
     rng: np.random.Generator,
@@ -56,10 +70,7 @@ def sample_crop(
     ratio: tuple[float, float] = CROP_RATIO,
 ) -> tuple[int, int, int, int]:
     """(top, left, h, w) of a RandomResizedCrop box on a size x size image."""
-    area = size * size * rng.uniform(*scale)
-    aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-    w = min(int(round(math.sqrt(area * aspect))), size)
-    h = min(int(round(math.sqrt(area / aspect))), size)
+    h, w = sample_crop_size(size, rng, scale, ratio)
     top = int(rng.integers(0, size - h + 1))
     left = int(rng.integers(0, size - w + 1))
     return top, left, h, w

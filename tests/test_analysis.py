@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from cosettle.eval.frame.analysis import (
     cycle_accuracy,
     diameter,

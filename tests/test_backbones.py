@@ -16,8 +16,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from cosettle.pipeline.backbones import BACKBONES, load_backbone
-from cosettle.pipeline.checkpoints import CheckpointError
 from fake_releases import (
     CLIP,
     GEOMETRY,
@@ -36,6 +34,9 @@ from fake_releases import (
     write_dinov2_reg,
     write_mae,
 )
+
+from cosettle.pipeline.backbones import BACKBONES, load_backbone
+from cosettle.pipeline.checkpoints import CheckpointError
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,9 @@ import math
 
 import numpy as np
 import pytest
-from cosettle.eval.frame.davis_metrics import bound_pixels, boundary_map, db_statistics, f_measure, jaccard
 from scipy import ndimage
+
+from cosettle.eval.frame.davis_metrics import bound_pixels, boundary_map, db_statistics, f_measure, jaccard
 
 
 def grid(text: str) -> np.ndarray:

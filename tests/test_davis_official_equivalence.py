@@ -4,9 +4,10 @@ ceil(bound_th * ||shape||). Random and structured masks, DAVIS frame sizes inclu
 import cv2
 import numpy as np
 import pytest
-from cosettle.eval.frame.davis_metrics import bound_pixels, f_measure, jaccard
 from scipy import ndimage
 from skimage.morphology import disk
+
+from cosettle.eval.frame.davis_metrics import bound_pixels, f_measure, jaccard
 
 DAVIS_SIZES = [(480, 854), (480, 910), (480, 1152)]  # radii 8, 9, 10
 THRESHOLDS = [0.008, 0.02, 0.05, 1, 2, 3, 5]

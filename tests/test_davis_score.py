@@ -5,9 +5,10 @@ import re
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from cosettle.eval.frame.davis_score import format_table, score_davis
 from cosettle.eval.frame.palette import davis_palette, read_indexed_png, save_indexed_png
-from PIL import Image
 
 H, W = 20, 30
 

@@ -4,6 +4,7 @@ import math
 from functools import partial
 
 from click.testing import CliRunner
+
 from cosettle.app import cli as cosettle_cli
 from cosettle.app.demo import ROWS, DemoConfig
 

@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
+from safetensors.torch import save_file
+
 from cosettle.eval import cli
 from cosettle.eval.frame.datasets import DatasetError, davis_videos, jhmdb_split, read_frame
 from cosettle.eval.frame.features import CacheError, FeatureSource
@@ -23,8 +26,6 @@ from cosettle.pipeline.synthetic import moving_scene, write_frame_folder
 from cosettle.pipeline.transforms import normalize, to_float
 from cosettle.trainer.config import TrainConfig
 from cosettle.trainer.projection import build_projection
-from PIL import Image
-from safetensors.torch import save_file
 
 TINY = dict(embed_dim=64, depth=2, num_heads=2)
 SMALL = preset("dino", short_side=64, multiple=32)  # 64 x 96 frames -> 64 x 96 input, a 4 x 6 grid

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
+
 from cosettle.pipeline import cli
 from cosettle.pipeline.backbones import load_backbone
 from cosettle.pipeline.extract import ExtractConfig, extract
@@ -14,7 +16,6 @@ from cosettle.pipeline.store import TOKEN_ARRAYS, FeatureStore, StoreError, mani
 from cosettle.pipeline.synthetic import moving_scene, write_frame_folder, write_video_file
 from cosettle.pipeline.transforms import apply_view
 from cosettle.pipeline.views import View
-from PIL import Image
 
 TINY = dict(embed_dim=32, depth=1, num_heads=2)
 

@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import scipy.io
+
 from cosettle.eval.frame.keypoints import decode_keypoints, joint_heatmaps, pck, read_jhmdb_joints
 from cosettle.eval.frame.segmentation_metrics import VIP_CLASSES, confusion_matrix, miou
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+
 from cosettle.eval.frame.datasets import davis_videos
 from cosettle.eval.frame.davis_score import score_davis
 from cosettle.eval.frame.propagation import (

@@ -5,9 +5,10 @@ import hashlib
 
 import pytest
 from click.testing import CliRunner
+from PIL import Image
+
 from cosettle.app import report as report_mod
 from cosettle.app.results import BASE_SCHEMA, read_results, write_row
-from PIL import Image
 
 # backbone -> setting (None: baseline) -> evaluation -> metrics, 0-1 scale as the evaluations give
 VALUES = {
@@ -143,3 +144,57 @@ def test_cli_writes_beside_results_and_rejects_an_empty_table(results, tmp_path)
     empty.mkdir()
     result = CliRunner().invoke(report_mod.report, [str(empty)])
     assert result.exit_code == 1 and f"{empty}: no result rows" in result.output
+
+
+# ---------------------------------------------------------------- the report
+
+
+def result_row(setting: str | None, evaluation: str, kind: str) -> dict:
+    row = dict.fromkeys(f.name for f in BASE_SCHEMA)
+    task = f"eval-dino_vitb-{setting or 'baseline'}-{evaluation}"
+    row.update(task=task, provenance=hashlib.sha256(task.encode()).hexdigest(), backbone="dino_vitb",
+               backbone_name="dino_vitb", weights_sha256="random", variant="projection" if setting else "baseline",
+               setting=setting, setting_label="lambda_reg=3.0" if setting else None, evaluation=evaluation,
+               eval_kind=kind, finished="2026-01-01T00:00:00+00:00", wall_eval_s=1.0)
+    return row
+
+
+# evaluation -> (kind, baseline metrics, projection metrics)
+RESULTS = {
+    "davis": ("davis", {"J&F-Mean": 0.632}, {"J&F-Mean": 0.642}),
+    "ucf_knn": ("ucf101", {"top1": 0.412, "top5": 0.70}, {"top1": 0.450, "top5": 0.74}),
+    "ucf_ret": ("ucf101", {"R@1": 0.305, "R@5": 0.52}, {"R@1": 0.287, "R@5": 0.50}),
+    "hmdb": ("hmdb51", {"top5": 0.33}, {"top5": 0.35}),  # neither top-1 nor R@1: no column
+}
+COLUMNS = {"davis": ("DAVIS J&F_m", "J&F-Mean"), "ucf_knn": ("UCF101 top-1 [ucf_knn]", "top1"),
+           "ucf_ret": ("UCF101 R@1 [ucf_ret]", "R@1")}
+
+
+
+
+@pytest.mark.parametrize("evaluations", [("davis", "ucf_knn", "ucf_ret", "hmdb"), ("ucf_knn", "ucf_ret", "hmdb")],
+                         ids=["with-davis", "video-only"])
+def test_report_shows_ucf101_columns_in_points(evaluations, tmp_path):
+    results = tmp_path / "results.parquet"
+    for name in evaluations:
+        kind, base, proj = RESULTS[name]
+        write_row(results, result_row(None, name, kind), {}, base)
+        write_row(results, result_row("s-a", name, kind), {"lambda_reg": 3.0}, proj)
+    files, notes = report_mod.render(results, tmp_path / "report")
+    assert {"table.md", "table.csv", "deltas.png"} <= set(files)  # video-only results are a report too
+    assert not any("deltas.png" in n for n in notes)  # it has bars
+    rows = table_rows(files["table.md"].read_text())
+    shown = [e for e in evaluations if e in COLUMNS]
+    # no UCF101 R@1 [ucf_knn] nor UCF101 top-1 [ucf_ret]: neither reported it; no HMDB51 column at all
+    assert rows[0] == ["backbone", "setting", *(COLUMNS[e][0] for e in shown)]
+    assert len(rows) == 3 and rows[2][:2] == ["dino_vitb", "lambda_reg=3.0"]
+    cells = rows[2][2:]
+    assert len(cells) == len(shown)
+    for cell, name in zip(cells, shown):
+        _, base, proj = RESULTS[name]
+        b, p = 100 * base[COLUMNS[name][1]], 100 * proj[COLUMNS[name][1]]
+        assert cell == f"{b:.1f} / {p:.1f} ({p - b:+.1f})"
+    assert cells[-1] == "30.5 / 28.7 (-1.8)"
+    with open(files["table.csv"]) as f:
+        line = next(csv.DictReader(f))
+    assert float(line["UCF101 top-1 [ucf_knn] delta"]) == pytest.approx(3.8)

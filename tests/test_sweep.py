@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from distributed import Client, LocalCluster
+
 from cosettle.app import sweep as sweep_mod
 from cosettle.app.report import render
 from cosettle.app.results import read_results
@@ -33,7 +35,6 @@ from cosettle.pipeline.backbones import create_model, load_backbone
 from cosettle.pipeline.synthetic import moving_scene, write_frame_folder
 from cosettle.trainer.run_dir import RunDir
 from cosettle.trainer.trained import load_trained
-from distributed import Client, LocalCluster
 
 ARCH = {"dino_vitb": dict(embed_dim=32, depth=1, num_heads=2, img_size=64),
         "mae_vitb": dict(embed_dim=48, depth=1, num_heads=2, img_size=64)}

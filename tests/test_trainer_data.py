@@ -1,6 +1,7 @@
 """Chunk-aware reading: plans, rank assignment, skipped rows, exact batches, one read per chunk."""
 import numpy as np
 import pytest
+
 from cosettle.pipeline.store import open_store
 from cosettle.trainer.data import ChunkReader, batches_per_epoch, chunk_table, epoch_plan, rank_chunks
 from cosettle.trainer.synthetic import write_synthetic_store

@@ -6,6 +6,8 @@ import sys
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
+
 from cosettle.pipeline.store import open_store
 from cosettle.trainer.data import batches_per_epoch, chunk_table, epoch_plan
 from cosettle.trainer.losses import cosettle_loss
@@ -13,7 +15,6 @@ from cosettle.trainer.projection import build_projection
 from cosettle.trainer.schedule import lr_at
 from cosettle.trainer.synthetic import write_synthetic_store
 from cosettle.trainer.trained import load_trained
-from safetensors.torch import load_file
 
 
 def test_two_process_run_averages_gradients_over_distinct_chunks(tmp_path):

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+
 from cosettle.trainer.losses import cosettle_loss
 from cosettle.trainer.projection import build_projection
 

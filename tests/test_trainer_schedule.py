@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+
 from cosettle.trainer.projection import build_projection
 from cosettle.trainer.schedule import build_optimizer, lr_at, scaled_lr
 

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
+
 from cosettle.pipeline.store import FeatureStore, StoreError, open_store
 from cosettle.trainer.cli import main
 from cosettle.trainer.config import TrainConfig
@@ -16,7 +18,6 @@ from cosettle.trainer.run_dir import RunError
 from cosettle.trainer.synthetic import write_synthetic_store
 from cosettle.trainer.train import TrainingError, train
 from cosettle.trainer.trained import load_trained
-from safetensors.torch import load_file
 
 
 @pytest.fixture(autouse=True)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from cosettle.eval.video.datasets import (
     ACTION_DATASETS,
     ActionDataError,

@@ -6,10 +6,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from cosettle.eval.video.metrics import _split, knn_classify, linear_probe, recall_at_k, topk_accuracy
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+
+from cosettle.eval.video.metrics import _split, knn_classify, linear_probe, recall_at_k, topk_accuracy
 
 
 def at_angles(degrees, norms=None) -> np.ndarray:

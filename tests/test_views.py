@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from cosettle.pipeline.transforms import apply_view
 from cosettle.pipeline.views import (
     View,

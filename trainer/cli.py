@@ -6,6 +6,7 @@ import sys
 from typing import Callable
 
 import click
+
 from cosettle.pipeline.store import StoreError
 
 from .config import TrainConfig, flag

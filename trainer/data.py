@@ -17,7 +17,8 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from cosettle.pipeline.store import TOKEN_ARRAYS, FeatureStore
+
+from cosettle.pipeline.store import FeatureStore
 
 _DONE = object()
 
@@ -91,7 +92,7 @@ class ChunkReader:
                  prefetch_batches: int = 4, pin_memory: bool = False):
         self.stores = stores
         self.chunks = chunks
-        self.arrays = [{name: s.array(name) for name in TOKEN_ARRAYS} for s in stores]
+        self.arrays = [{name: s.array(name) for name in s.batch_arrays} for s in stores]
         self.io_threads = io_threads
         self.lookahead = 2 * window
         self.prefetch_batches = prefetch_batches
@@ -150,7 +151,7 @@ class ChunkReader:
         cids, starts = np.unique(batch[:, 0], return_index=True)
         bounds = list(zip(cids.tolist(), starts.tolist(), starts[1:].tolist() + [len(batch)]))
         out = {}
-        for name in TOKEN_ARRAYS:
+        for name in self.arrays[0]:
             sample = held[bounds[0][0]].result()[name]
             buf = np.empty((len(batch),) + sample.shape[1:], dtype=sample.dtype)
             for c, lo, hi in bounds:

@@ -8,7 +8,9 @@ Adding an objective is adding a module; nothing here names one.
 
 The loss is built once per run and called per batch: ``loss(model, batch) -> dict`` of 0-d
 tensors, always with a differentiable ``loss``; every other entry is logged as a metric.
-``batch`` maps store array names (``a``, ``b``, ``a_asy``) to tokens [batch, T, D].
+``batch`` maps store array names to tensors: for the ``views`` layout ``a``, ``b``, ``a_asy``
+(tokens [batch, T, D]); for the ``clips`` layout ``tokens`` [batch, 2, T, L, D'] and ``labels``
+[batch, 6] (int64; -1 where the store's plan defines none).
 """
 from __future__ import annotations
 
@@ -44,14 +46,18 @@ class Option:
 
 @dataclass(frozen=True)
 class ObjectiveSpec:
-    """A named objective: its options, ``build_model(dim, options, seed)`` (the trainable module,
-    seeded from its own generator) and ``build_loss(options)`` (the per-batch loss)."""
+    """A named objective: its options, ``build_model(settings, options, seed)`` (the trainable
+    module, seeded from its own generator; ``settings`` is the training store's settings dict, e.g.
+    ``dim``, and for clip stores ``frames``, ``levels``, ``plan``), ``build_loss(options)`` (the
+    per-batch loss), and the store ``layout`` it trains on: ``views`` (Co-Settle's A / B / A_asy
+    token arrays) or ``clips`` (two clips per video, ``tokens`` [B, 2, T, L, D'] + ``labels``)."""
 
     name: str
     description: str
-    build_model: Callable[[int, dict, int], nn.Module]
+    build_model: Callable[[dict, dict, int], nn.Module]
     build_loss: Callable[[dict], Loss]
     options: dict[str, Option] = field(default_factory=dict)
+    layout: str = "views"
 
     def defaults(self) -> dict:
         return {name: opt.default for name, opt in self.options.items()}

@@ -1,4 +1,4 @@
-"""The training plot: loss and cycle accuracy per optimizer step, with epoch means."""
+"""The training plot: loss and the objective's accuracies per optimizer step, with epoch means."""
 from __future__ import annotations
 
 import matplotlib
@@ -8,13 +8,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .run_dir import EPOCHS_FILE, PLOT_FILE, STEPS_FILE, RunDir  # noqa: E402
 
-PANELS = (("loss", "loss"), ("acc", "cycle accuracy"))
+LABELS = {"acc": "cycle accuracy"}  # Co-Settle logs its cycle accuracy as "acc"
+MAX_PANELS = 4
 
 
 def plot_run(run: RunDir) -> None:
     """Write ``training.png`` from the run's metric files (panels for the metrics it has)."""
     steps, epochs = run.records(STEPS_FILE), run.records(EPOCHS_FILE)
-    panels = [(k, label) for k, label in PANELS if k in steps[0]]
+    keys = ["loss"] + [k for k in steps[0] if k.startswith("acc")][: MAX_PANELS - 1]
+    panels = [(k, LABELS.get(k, k)) for k in keys]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):
         ax.plot([r["step"] for r in steps], [r[key] for r in steps], lw=0.8, alpha=0.6, label="step")

@@ -8,9 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from cosettle.core.errors import first_line
 from safetensors.torch import load_file
 from torch import nn
+
+from cosettle.core.errors import first_line
 
 FUSIONS = {"linear": 1, "mlp2": 2, "mlp3": 3}
 

@@ -17,9 +17,10 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+
 from cosettle.core.atomic import aside, write_atomic, write_json
 from cosettle.core.provenance import mismatches
-from safetensors.torch import load_file, save_file
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "projection.safetensors"  # the trained module, whatever the objective

@@ -14,10 +14,11 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-from cosettle.core.devices import resolve_device
-from cosettle.core.provenance import environment, now_utc, sha256_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
+
+from cosettle.core.devices import resolve_device
+from cosettle.core.provenance import environment, now_utc, sha256_file
 
 from .config import TrainConfig
 from .data import ChunkReader, batches_per_epoch, chunk_table, epoch_plan
@@ -83,6 +84,11 @@ def _train(cfg: TrainConfig, world: World, device: torch.device) -> dict | None:
     stores = open_stores(cfg.features)
     settings = stores[0].settings
     dim, views = settings["dim"], settings["views"]
+    spec = get_objective(cfg.objective)
+    layout = settings.get("layout", "views")  # stores made before clip stores existed are views stores
+    if layout != spec.layout:
+        raise TrainingError(f"{stores[0].path}: a {layout} store, but objective '{cfg.objective}' trains on "
+                            f"{spec.layout} stores (cosettle-extract --layout {spec.layout})")
     chunks = chunk_table(stores)
     micro_per_epoch = batches_per_epoch(chunks, cfg.epochs, cfg.seed, world.size, cfg.batch_size)
     steps_per_epoch = micro_per_epoch // cfg.accum_iter
@@ -107,7 +113,7 @@ def _train(cfg: TrainConfig, world: World, device: torch.device) -> dict | None:
             print(f"{run.path}: already finished; nothing to resume")
         return run.summary()
     config = {
-        "identity": identity, "train": cfg.as_dict(), "dim": dim, "grid": settings["grid"],
+        "identity": identity, "train": cfg.as_dict(), "dim": dim, "grid": settings.get("grid"),
         "backbone": settings["backbone"], "weights_sha256": settings["weights_sha256"],
         "stores": provenance(stores), "world_size": world.size, "effective_batch": effective_batch,
         "lr": peak_lr, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
@@ -120,8 +126,7 @@ def _train(cfg: TrainConfig, world: World, device: torch.device) -> dict | None:
     barrier(world)
 
     # -- the projection, its optimizer, and the checkpoint to resume from ---------------------
-    spec = get_objective(cfg.objective)
-    projection = spec.build_model(dim, cfg.options, cfg.seed).to(device)
+    projection = spec.build_model(settings, cfg.options, cfg.seed).to(device)
     optimizer = build_optimizer(projection, peak_lr, cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     step = 0
@@ -189,7 +194,8 @@ def _train(cfg: TrainConfig, world: World, device: torch.device) -> dict | None:
             now = time.perf_counter()
             rate, tick = effective_batch / (now - tick), now
             bar.update(effective_batch)
-            bar.set_postfix(epoch=epoch, loss=f"{metrics['loss']:.4f}", acc=f"{metrics.get('acc', float('nan')):.3f}")
+            shown = {k: f"{v:.3f}" for k, v in metrics.items() if k.startswith("acc")}
+            bar.set_postfix(epoch=epoch, loss=f"{metrics['loss']:.4f}", **dict(list(shown.items())[-1:]))
             epoch_end = step % steps_per_epoch == 0
             if world.main:
                 run.append(STEPS_FILE, {"step": step, "epoch": epoch, "lr": lr, **metrics, "samples_per_s": rate})

@@ -33,10 +33,12 @@ def load_trained(run_dir: Path, device: str | torch.device = "cpu") -> tuple[nn.
         raise ProjectionError(f"{run_dir}: no {WEIGHTS_FILE}; the run has not finished (continue it with --resume)")
     try:
         config = json.loads(cfg_path.read_text())
-        dim = config["dim"]
+        # build_model reads the training store's settings; a config without store provenance
+        # (hand-written, as in tests) still names the dim, which is all a views objective needs
+        settings = config["stores"][0]["settings"] if "stores" in config else {"dim": config["dim"]}
         objective, options = run_options(config)
     except (ValueError, KeyError, TypeError) as e:
         raise ProjectionError(f"{cfg_path}: not a cosettle-train config ({type(e).__name__}: {e})") from None
-    model = get_objective(objective).build_model(dim, options, 0)
+    model = get_objective(objective).build_model(settings, options, 0)
     load_weights(model, weights)
     return model.to(device).eval(), config

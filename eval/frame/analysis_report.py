@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
+
 from cosettle.eval.frame.analysis import (
     cycle_accuracy,
     diameter,
@@ -22,7 +24,6 @@ from cosettle.eval.frame.analysis import (
 from cosettle.pipeline.backbones import Backbone
 from cosettle.pipeline.transforms import normalize, to_float
 from cosettle.pipeline.videos import open_video
-from tqdm import tqdm
 
 RESIZE = 256
 PERCENTILES = (90, 95, 100)

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
+
 from cosettle.core.listfiles import ListFileError, read_list_file
 from cosettle.eval.frame.davis_score import read_split
-from PIL import Image, UnidentifiedImageError
 
 
 class DatasetError(Exception):

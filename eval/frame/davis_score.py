@@ -12,9 +12,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
+
 from cosettle.eval.frame.davis_metrics import db_statistics, f_measure, jaccard
 from cosettle.eval.frame.palette import read_indexed_png
-from tqdm import tqdm
 
 VOID = 255
 STATISTICS = ("J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay")

@@ -3,33 +3,33 @@
 One store holds the backbone features of one (backbone, weights, input sizing, normalisation):
 ``<dataset>/<video>`` is a float16 array [T, h, w, D] (one chunk per frame) whose attributes
 name the frames it was computed from; the group attribute ``cosettle_eval_features`` records
-the key and the environment. A projection is applied when the cached features are read, so
-comparing many projections of one backbone computes the backbone features once.
+the key and the environment. Entries are computed privately and published whole
+(``cosettle.eval.zarr_cache``), so evaluations of one backbone may fill one cache at once.
+A projection is applied when the cached features are read, so comparing many projections of
+one backbone computes the backbone features once.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import zarr
-from cosettle.core.provenance import environment, mismatches, now_utc
+
 from cosettle.eval.frame.datasets import Video, read_frame
 from cosettle.eval.frame.propagation import PropagationSettings, grid_size
+from cosettle.eval.zarr_cache import CacheError, ZarrCache
 from cosettle.pipeline.backbones import Backbone
 from cosettle.pipeline.transforms import normalize, to_float
 
 ATTR = "cosettle_eval_features"
-FORMAT = 1
+FORMAT = 2  # 2: entries published whole by rename (1 marked them "complete" in place)
 DEFAULT_DIR = Path("eval_cache")
-
-
-class CacheError(Exception):
-    """A features cache that cannot be used as asked; the message names the store."""
+# CacheError (defined in cosettle.eval.zarr_cache) stays importable from here: the CLI imports it from this module
 
 
 def cache_key(backbone: Backbone, settings: PropagationSettings) -> dict:
@@ -62,44 +62,27 @@ class FeatureCache:
     """An open features cache (see the module docstring); created if ``path`` does not exist."""
 
     def __init__(self, path: Path, key: dict):
-        self.path = Path(path)
-        if self.path.exists():
-            try:
-                self.group = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
-            except Exception as e:
-                raise CacheError(f"{self.path}: not a Zarr v3 features cache ({type(e).__name__}: {e})") from None
-            meta = self.group.attrs.get(ATTR)
-            if not isinstance(meta, dict) or "key" not in meta:
-                raise CacheError(f"{self.path}: not a cosettle features cache ({ATTR} attributes missing)")
-            diff = mismatches(key, meta["key"])
-            if diff:
-                raise CacheError(f"{self.path}: features cache made with other settings ({'; '.join(diff)}); "
-                                 "use another --cache")
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.group = zarr.open_group(str(self.path), mode="w-", zarr_format=3)
-            self.group.attrs[ATTR] = {"key": key, "environment": environment(), "created": now_utc()}
-        self.key = key
+        self.store = ZarrCache(path, key, ATTR)
+        self.path, self.key, self.group = self.store.path, key, self.store.group
 
     def get(self, name: str, video: Video) -> zarr.Array | None:
-        """The complete cached features of ``video``, or None; an entry of other frames is an error."""
-        array = self.group.get(name)
-        if array is None or not array.attrs.get("complete"):
-            return None
-        found = array.attrs.get("frames_sha256")
-        if found != frames_fingerprint(video.frames):
+        """The cached features of ``video``, or None; an entry of other frames is an error."""
+        array = self.store.get(name)
+        return None if array is None else self._checked(name, video, array)
+
+    def put(self, name: str, video: Video, shape: tuple[int, ...], source_hw: tuple[int, int],
+            input_hw: tuple[int, int], fill: Callable[[zarr.Array], None]) -> zarr.Array:
+        """Features written by ``fill`` into a private array, then published (or those another
+        process published first)."""
+        attrs = {"frames": [f.name for f in video.frames], "frames_sha256": frames_fingerprint(video.frames),
+                 "source_hw": list(source_hw), "input_hw": list(input_hw)}
+        array = self.store.put(name, shape, "float16", fill, attrs, chunks=(1, *shape[1:]))
+        return self._checked(name, video, array)  # another process may have cached other frames
+
+    def _checked(self, name: str, video: Video, array: zarr.Array) -> zarr.Array:
+        if array.attrs.get("frames_sha256") != frames_fingerprint(video.frames):
             raise CacheError(f"{self.path}: cached features of {name} were made from other frames "
                              f"than {video.frames[0].parent}; use another --cache")
-        return array
-
-    def create(self, name: str, video: Video, shape: tuple[int, ...], source_hw: tuple[int, int],
-               input_hw: tuple[int, int]) -> zarr.Array:
-        """A fresh (incomplete) entry; any unfinished one under that name is replaced."""
-        array = self.group.create_array(name, shape=shape, chunks=(1, *shape[1:]), dtype="float16", fill_value=0,
-                                        compressors=None, overwrite=True,
-                                        dimension_names=("frame", "row", "column", "channel"))
-        array.attrs.update({"frames": [f.name for f in video.frames], "frames_sha256": frames_fingerprint(video.frames),
-                            "source_hw": list(source_hw), "input_hw": list(input_hw), "complete": False})
         return array
 
 
@@ -134,21 +117,23 @@ class FeatureSource:
         source_hw = first.shape[:2]
         input_hw = self.settings.input_size(*source_hw)
         h, w = grid_size(input_hw, self.patch)
-        array = self.cache.create(name, video, (len(video.frames), h, w, self.backbone.dim), source_hw, input_hw)
-        for lo in range(0, len(video.frames), self.batch_size):
-            paths = video.frames[lo : lo + self.batch_size]
-            frames = [read_frame(p) for p in paths]
-            for p, f in zip(paths, frames):
-                if f.shape[:2] != source_hw:
-                    raise CacheError(f"{p}: frame is {f.shape[1]}x{f.shape[0]} but {video.frames[0].name} is "
-                                     f"{source_hw[1]}x{source_hw[0]}")
-            x = F.interpolate(to_float(np.stack(frames)), size=input_hw, mode="bilinear", align_corners=False,
-                              antialias=False)
-            x = normalize(x, self.settings.mean, self.settings.std).to(self.device)
-            tokens = self.backbone.patch_features(x)
-            array[lo : lo + len(paths)] = tokens.reshape(len(paths), h, w, -1).to(torch.float16).cpu().numpy()
-        array.attrs["complete"] = True  # set last: an interrupted entry is recomputed next time
-        return array
+
+        def fill(array: zarr.Array) -> None:
+            for lo in range(0, len(video.frames), self.batch_size):
+                paths = video.frames[lo : lo + self.batch_size]
+                frames = [read_frame(p) for p in paths]
+                for p, f in zip(paths, frames):
+                    if f.shape[:2] != source_hw:
+                        raise CacheError(f"{p}: frame is {f.shape[1]}x{f.shape[0]} but {video.frames[0].name} is "
+                                         f"{source_hw[1]}x{source_hw[0]}")
+                x = F.interpolate(to_float(np.stack(frames)), size=input_hw, mode="bilinear", align_corners=False,
+                                  antialias=False)
+                x = normalize(x, self.settings.mean, self.settings.std).to(self.device)
+                tokens = self.backbone.patch_features(x)
+                array[lo : lo + len(paths)] = tokens.reshape(len(paths), h, w, -1).to(torch.float16).cpu().numpy()
+
+        shape = (len(video.frames), h, w, self.backbone.dim)
+        return self.cache.put(name, video, shape, source_hw, input_hw, fill)
 
     def features(self, dataset: str, video: Video, num_frames: int | None = None) -> Iterator[torch.Tensor]:
         """Features [h, w, D] (float32, on the device) of the first ``num_frames`` frames, in order."""

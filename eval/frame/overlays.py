@@ -4,9 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
+
 from cosettle.eval.frame.datasets import read_frame
 from cosettle.eval.frame.palette import davis_palette, read_indexed_png
-from PIL import Image, ImageDraw
 
 
 def overlay(frame: np.ndarray, ids: np.ndarray, alpha: float = 0.5) -> np.ndarray:

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 import torch
 import torch.nn.functional as F
-from cosettle.pipeline.transforms import IMAGENET_MEAN
 from PIL import Image
+
+from cosettle.pipeline.transforms import IMAGENET_MEAN
 
 VOID = 255
 WINDOWS = ("square", "disk")

@@ -11,6 +11,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import click
+
 from cosettle.eval.cli_options import backbone_options, projection_path
 from cosettle.eval.frame.propagation import PRESETS, PropagationSettings, preset
 from cosettle.eval.frame.run import EvalConfig

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
 from cosettle.core.atomic import write_json as atomic_json
 from cosettle.core.devices import resolve_device
 from cosettle.core.provenance import environment, now_utc

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.io
+
 from cosettle.eval.frame.palette import save_indexed_png
 from cosettle.pipeline.synthetic import moving_scene, write_frame_folder
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 import torch
+from tqdm import tqdm
+
 from cosettle.eval.cli_options import CONTEXT, one_line_errors
 from cosettle.eval.frame.datasets import Video, davis_videos
 from cosettle.eval.frame.davis_score import format_table, score_davis
@@ -21,7 +23,6 @@ from cosettle.eval.frame.propagation import PropagationSettings, segment_video
 from cosettle.eval.frame.propagation_task import config_from_cli, propagation_options, propagation_task
 from cosettle.eval.frame.run import EvalConfig, open_source, write_record
 from cosettle.eval.task import register
-from tqdm import tqdm
 
 DEFAULT_PRESET = "dino"
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import click
 import numpy as np
 import torch
+from tqdm import tqdm
+
 from cosettle.eval.cli_options import CONTEXT, one_line_errors
 from cosettle.eval.frame.datasets import DatasetError, Video, jhmdb_videos
 from cosettle.eval.frame.features import FeatureSource
@@ -21,7 +23,6 @@ from cosettle.eval.frame.propagation import PropagationSettings, propagate
 from cosettle.eval.frame.propagation_task import config_from_cli, propagation_options, propagation_task
 from cosettle.eval.frame.run import EvalConfig, open_source, write_json, write_record
 from cosettle.eval.task import REQUIRED, register
-from tqdm import tqdm
 
 # The task's defaults (CRW's protocol: 320x320, aspect not kept).
 DEFAULT_PRESET = "crw"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 import torch
+
 from cosettle.core.devices import resolve_device
 from cosettle.core.provenance import environment, now_utc
 from cosettle.eval.cli_options import CONTEXT, backbone_options, one_line_errors, projection_path

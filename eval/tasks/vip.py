@@ -11,6 +11,9 @@ from pathlib import Path
 
 import click
 import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
 from cosettle.eval.cli_options import CONTEXT, one_line_errors
 from cosettle.eval.frame.datasets import vip_videos
 from cosettle.eval.frame.palette import read_indexed_png, save_indexed_png
@@ -19,8 +22,6 @@ from cosettle.eval.frame.propagation_task import config_from_cli, propagation_op
 from cosettle.eval.frame.run import EvalConfig, open_source, write_json, write_record
 from cosettle.eval.frame.segmentation_metrics import VIP_CLASSES, confusion_matrix, miou
 from cosettle.eval.task import register
-from PIL import Image
-from tqdm import tqdm
 
 # The task's defaults (560x560, a 35x35 grid at stride 16).
 DEFAULT_PRESET = "dino"

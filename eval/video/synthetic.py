@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
 from cosettle.pipeline.synthetic import texture, write_frame_folder, write_video_file
 
 ACTION_CLASSES = ("MoveRight", "MoveLeft", "MoveDown", "MoveUp", "OscillateFast", "OscillateSlow", "StayStill")

@@ -23,10 +23,11 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from cosettle.core.errors import first_line
 from cosettle.core.provenance import sha256_file
 from cosettle.pipeline.backbones import get_spec
-from torch import nn
 
 DEFAULT_TEMPLATES: tuple[str, ...] = (
     "a video of a person {}.",

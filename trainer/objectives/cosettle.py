@@ -10,8 +10,8 @@ from ..objective import Loss, ObjectiveSpec, Option, register
 from ..projection import FUSIONS, build_projection
 
 
-def _model(dim: int, options: dict, seed: int) -> nn.Module:
-    return build_projection(dim, options["fusion"], seed)
+def _model(settings: dict, options: dict, seed: int) -> nn.Module:
+    return build_projection(settings["dim"], options["fusion"], seed)
 
 
 def _loss(options: dict) -> Loss:
