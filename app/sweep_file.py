@@ -47,7 +47,9 @@ from cosettle.trainer.config import TrainConfig, option_types
 from .sweep_toml import Key, Reader, open_toml
 
 # Options the sweep sets itself (paths, resuming) and so never takes from the file.
-EXTRACT_FIXED = {"videos", "out", "backbone", "weights", "root", "shard", "resume", "overwrite", "arch", "device"}
+EXTRACT_FIXED = {"videos", "out", "backbone", "weights", "root", "shard", "resume", "overwrite", "arch", "device",
+                 "layout", "plan"}  # layout and plan follow from each setting's objective
+EXTRACT_TYPES = {"levels": (list,)}  # where the default (None: the last block) does not tell
 TRAIN_FIXED = {"features", "out", "device", "resume", "overwrite", "max_steps"}
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -135,7 +137,7 @@ def parse_sweep(path: Path, evaluations: Mapping[str, EvalTask] | None = None) -
     datasets = _datasets(r)
     if "train" not in datasets or datasets["train"].videos is None:
         raise r.error(("datasets", "train", "videos"), "missing: the training videos (a directory or a list file)")
-    extract = _config_table(r, ("extract",), ExtractConfig, EXTRACT_FIXED)
+    extract = _config_table(r, ("extract",), ExtractConfig, EXTRACT_FIXED, EXTRACT_TYPES)
     backbones = _backbones(r)
     settings = _settings(r)
     evals = _evaluations(r, datasets, discover() if evaluations is None else evaluations)
@@ -154,9 +156,9 @@ def _datasets(r: Reader) -> dict[str, Dataset]:
     return out
 
 
-def _config_table(r: Reader, key: Key, cls: type, exclude: set[str]) -> dict:
-    """A table of options of a config dataclass, each type-checked against its default."""
-    kinds = field_types(cls, exclude)
+def _config_table(r: Reader, key: Key, cls: type, exclude: set[str], types: dict | None = None) -> dict:
+    """A table of options of a config dataclass, each type-checked against its default (or ``types``)."""
+    kinds = field_types(cls, exclude) | (types or {})
     table = r.table(key, set(kinds), required=False)
     return {name: r.typed(key + (name,), value, kinds[name]) for name, value in table.items()}
 

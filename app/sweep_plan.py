@@ -26,18 +26,22 @@ from pathlib import Path
 from typing import Any
 
 from cosettle.core.provenance import digest, mismatches, package_version, sha256_file
-from cosettle.eval.task import TaskContext
+from cosettle.eval.task import TaskContext, discover
 from cosettle.pipeline.extract import ExtractConfig
 from cosettle.pipeline.store import FeatureStore, StoreError, videos_digest
 from cosettle.pipeline.videos import discover_videos
 from cosettle.trainer.config import TrainConfig
+from cosettle.trainer.objective import get_objective
 from cosettle.trainer.run_dir import RunDir
 
 from . import results as results_table
 from .sweep_file import BackboneEntry, Evaluation, Setting, Sweep
 
-# Store settings fixed by the sweep's [extract] table (the rest follow from the backbone).
+# Store settings fixed by the sweep's [extract] table (the rest follow from the backbone); a clip
+# store records the shared ones, and its own under other names (``frames`` for clip_frames, ...).
 STORE_OPTIONS = ("views", "seed", "dtype", "clip_gap", "asy_ratio", "chunk_videos", "compressor")
+SHARED_STORE_OPTIONS = ("views", "seed", "dtype", "chunk_videos", "compressor")
+CLIP_OPTIONS = ("clip_frames", "levels", "pooling", "slow_stride", "fast_stride")
 
 
 # -- jobs --------------------------------------------------------------------------------------
@@ -158,37 +162,31 @@ def plan_sweep(sweep: Sweep) -> Plan:
     base_row = {"sweep": str(sweep.file), "cosettle_version": package_version()}
     for entry in sweep.backbones:
         bkey = _backbone_key(entry)
-        ekey = {"backbone": bkey, "videos_sha256": videos_digest(videos), "num_videos": len(videos),
-                "store": store_options}
-        eprov = digest(ekey)
-        # Outputs carry their provenance in their names: a changed sweep never clobbers finished work.
-        store = out / "stores" / f"{entry.id}-{eprov[:8]}.zarr"
-        ex = ExtractJob(
-            id=f"extract-{entry.id}", provenance=eprov, record=out / "tasks" / f"extract-{entry.id}.json",
-            config=ExtractConfig(videos=data.videos, root=data.root, out=store, backbone=entry.name,
-                                 weights=entry.weights, arch=entry.arch, device=sweep.device, resume=True,
-                                 **sweep.extract),
-            expected={"backbone": entry.name, "weights_sha256": bkey["weights_sha256"],
-                      "videos_sha256": ekey["videos_sha256"], "num_videos": len(videos)} | store_options,
-        )
-        jobs[ex.id] = ex
+        extracts: dict[str | None, ExtractJob] = {}
         row = base_row | {"backbone": entry.id, "backbone_name": entry.name, "weights": bkey["weights"],
                           "weights_sha256": bkey["weights_sha256"],
                           "arch": json.dumps(entry.arch, sort_keys=True) if entry.arch else None}
         baselines = {}
         for ev in sweep.evaluations:
-            job = _eval_job(sweep, entry, bkey, ev, None, None, ex, row, None)
+            job = _eval_job(sweep, entry, bkey, ev, None, None, None, row, None)
             jobs[job.id] = baselines[ev.name] = job
         for setting in sweep.settings:
+            plan = get_objective(setting.values.get("objective", "cosettle")).plan
+            if plan not in extracts:
+                extracts[plan] = _extract_job(sweep, entry, bkey, videos, store_options, plan)
+                jobs[extracts[plan].id] = extracts[plan]
+            ex = extracts[plan]
             tprov = digest({"store": ex.provenance, "train": setting.result_settings()})
-            cfg = setting.config(store, out / "runs" / entry.id / f"{setting.id}-{tprov[:8]}", sweep.device)
+            cfg = setting.config(ex.config.out, out / "runs" / entry.id / f"{setting.id}-{tprov[:8]}", sweep.device)
             tr = TrainJob(id=f"train-{entry.id}-{setting.id}", provenance=tprov,
                           record=out / "tasks" / f"train-{entry.id}-{setting.id}.json",
                           config=cfg, extract=ex.id)
             jobs[tr.id] = tr
             for ev in sweep.evaluations:
-                job = _eval_job(sweep, entry, bkey, ev, setting, tr, ex, row, baselines[ev.name])
-                jobs[job.id] = job
+                # A clip-level head maps whole clips: only video-level tasks can evaluate it.
+                if plan is None or discover()[ev.kind].family == "video":
+                    job = _eval_job(sweep, entry, bkey, ev, setting, tr, ex, row, baselines[ev.name])
+                    jobs[job.id] = job
     done = {}
     for job in jobs.values():
         status = _status(job)
@@ -197,8 +195,32 @@ def plan_sweep(sweep: Sweep) -> Plan:
     return Plan(sweep, jobs, done)
 
 
+def _extract_job(sweep: Sweep, entry: BackboneEntry, bkey: dict, videos: list[str], store_options: dict,
+                 plan: str | None) -> ExtractJob:
+    """The store of one backbone: a views store (``plan`` None), or a clip store of ``plan``."""
+    layout = {} if plan is None else {"layout": "clips", "plan": plan}
+    ekey = {"backbone": bkey, "videos_sha256": videos_digest(videos), "num_videos": len(videos),
+            "store": store_options | layout}
+    if plan is not None:  # the clip options shape a clip store only; a views store's key stays as it was
+        ekey["clips"] = {k: v for k, v in sweep.extract.items() if k in CLIP_OPTIONS}
+    eprov = digest(ekey)
+    ident = f"extract-{entry.id}" + (f"-{plan}" if plan else "")
+    # Outputs carry their provenance in their names: a changed sweep never clobbers finished work.
+    store = sweep.out / "stores" / f"{entry.id}{'-' + plan if plan else ''}-{eprov[:8]}.zarr"
+    data = sweep.train_data
+    return ExtractJob(
+        id=ident, provenance=eprov, record=sweep.out / "tasks" / f"{ident}.json",
+        config=ExtractConfig(videos=data.videos, root=data.root, out=store, backbone=entry.name,
+                             weights=entry.weights, arch=entry.arch, device=sweep.device, resume=True,
+                             **sweep.extract, **layout),
+        expected={"backbone": entry.name, "weights_sha256": bkey["weights_sha256"],
+                  "videos_sha256": ekey["videos_sha256"], "num_videos": len(videos)}
+        | {k: v for k, v in store_options.items() if plan is None or k in SHARED_STORE_OPTIONS} | layout,
+    )
+
+
 def _eval_job(sweep: Sweep, entry: BackboneEntry, bkey: dict, ev: Evaluation, setting: Setting | None,
-              train: TrainJob | None, extract: ExtractJob, row: dict, baseline: EvalJob | None) -> EvalJob:
+              train: TrainJob | None, extract: ExtractJob | None, row: dict, baseline: EvalJob | None) -> EvalJob:
     variant = setting.id if setting else "baseline"
     spec = {"kind": ev.kind, "root": ev.dataset.root, "videos": ev.dataset.videos, "options": ev.options}
     prov = digest({"backbone": bkey, "train": train.provenance if train else None, "evaluation": spec})

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -49,37 +49,37 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="cosettle-bench-"))
     figures = {"device": args.device, "torch_threads": torch.get_num_threads(), "videos": args.videos,
                "frames": args.frames, "levels": args.levels, "dim": args.dim, "batch_size": args.batch_size,
-               "views_store_bytes_per_sample": VIEWS_STORE_BYTES, "objectives": {}}
-    try:
-        for objective in ("vthcl", "cstp"):
-            path = work / f"{objective}.zarr"
-            if not path.exists():
-                write_synthetic_clip_store(path, num_videos=args.videos, views=1, frames=args.frames,
-                                           levels=args.levels, dim=args.dim, chunk_videos=16, plan=objective)
-            cfg = TrainConfig.from_flat(features=(str(path),), out=str(work / f"run-{objective}"), objective=objective,
-                                        epochs=1, warmup_epochs=0.0, batch_size=args.batch_size, device=args.device,
-                                        overwrite=True, width=args.width, **({"queue": 1024} if objective == "vthcl" else {}))
-            summary = train(cfg)
-            per_sample = sample_bytes(open_store(path))
-            rate = summary["session_samples_per_s"]
-            figures["objectives"][objective] = {
-                "samples_per_s": rate, "epoch_s": summary["session_wall_s"], "bytes_per_sample": per_sample,
-                "read_MBps_at_that_rate": rate * per_sample / 1e6,
-                "bytes_vs_views_store_sample": per_sample / VIEWS_STORE_BYTES,
-            }
-        print(json.dumps(figures, indent=2))
-        for name, f in figures["objectives"].items():
-            print(f"{name}: {f['samples_per_s']:.0f} samples/s, {f['bytes_per_sample'] / 1e3:.0f} kB/sample "
-                  f"({f['bytes_vs_views_store_sample']:.3f} of a Co-Settle views sample), "
-                  f"{f['read_MBps_at_that_rate']:.0f} MB/s read")
-        if args.json:
-            args.json.write_text(json.dumps(figures, indent=2) + "\n")
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(work, ignore_errors=True)
+               "views_store_bytes_per_sample": VIEWS_STORE_BYTES}
+    keep = nullcontext(args.workdir) if args.workdir else tempfile.TemporaryDirectory(prefix="cosettle-bench-")
+    with keep as work:
+        figures["objectives"] = {name: measure(Path(work), name, args) for name in ("vthcl", "cstp")}
+    print(json.dumps(figures, indent=2))
+    for name, f in figures["objectives"].items():
+        print(f"{name}: {f['samples_per_s']:.0f} samples/s, {f['bytes_per_sample'] / 1e3:.0f} kB/sample "
+              f"({f['bytes_vs_views_store_sample']:.3f} of a Co-Settle views sample), "
+              f"{f['read_MBps_at_that_rate']:.0f} MB/s read")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+def measure(work: Path, objective: str, args: argparse.Namespace) -> dict:
+    """One epoch of ``objective`` on its own synthetic clip store (written once into ``work``)."""
+    path = work / f"{objective}.zarr"
+    if not path.exists():
+        write_synthetic_clip_store(path, num_videos=args.videos, views=1, frames=args.frames, levels=args.levels,
+                                   dim=args.dim, chunk_videos=16, plan=objective)
+    extra = {"queue": 1024} if objective == "vthcl" else {}
+    cfg = TrainConfig.from_flat(features=(str(path),), out=str(work / f"run-{objective}"), objective=objective,
+                                epochs=1, warmup_epochs=0.0, batch_size=args.batch_size, device=args.device,
+                                overwrite=True, width=args.width, **extra)
+    summary = train(cfg)
+    per_sample = sample_bytes(open_store(path))
+    rate = summary["session_samples_per_s"]
+    return {"samples_per_s": rate, "epoch_s": summary["session_wall_s"], "bytes_per_sample": per_sample,
+            "read_MBps_at_that_rate": rate * per_sample / 1e6,
+            "bytes_vs_views_store_sample": per_sample / VIEWS_STORE_BYTES}
 
 
 if __name__ == "__main__":

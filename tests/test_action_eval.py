@@ -23,27 +23,14 @@ from action_world import (
     cosettle_eval,
     entries,
     expected,
-    make_world,
     one_line_error,
     read,
     refuse_forward,
-    video_vectors,
 )
 
 from cosettle.eval.video.clip_features import UnreadableVideoWarning
 from cosettle.eval.video.datasets import MissingVideosWarning
 from cosettle.pipeline.backbones import Backbone
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict:
-    return make_world(tmp_path_factory.mktemp("world"))
-
-
-@pytest.fixture(scope="module")
-def vectors(world, tmp_path_factory) -> dict[str, np.ndarray]:
-    """Video vectors (cls pooling) of every video of the world, by name."""
-    return video_vectors(world, tmp_path_factory.mktemp("indep"))
 
 
 @pytest.fixture(scope="module")

@@ -24,11 +24,9 @@ from action_world import (
     cosettle_eval,
     entries,
     find,
-    make_world,
     one_line_error,
     read,
     refuse_forward,
-    video_vectors,
 )
 from fake_clip import BACKBONE_ARCH, EMBED, GRID, PATCH, write_release
 from open_clip.tokenizer import SimpleTokenizer
@@ -42,18 +40,6 @@ from cosettle.eval.video.datasets import ActionVideo
 from cosettle.eval.video.text import DEFAULT_TEMPLATES, load_clip_text
 from cosettle.pipeline.backbones import Backbone, load_backbone
 from cosettle.pipeline.videos import open_video
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict:
-    return make_world(tmp_path_factory.mktemp("world"))
-
-
-@pytest.fixture(scope="module")
-def vectors(world, tmp_path_factory) -> dict[str, np.ndarray]:
-    """Video vectors (cls pooling) of every video of the world, by name."""
-    return video_vectors(world, tmp_path_factory.mktemp("indep"))
-
 
 # ---------------------------------------------------------------- zero-shot
 

@@ -21,11 +21,13 @@ D = TrainConfig()
 def objective_options(fn: Callable) -> Callable:
     """One option per objective setting, unset by default (the chosen objective's default applies)."""
     for name, declared in sorted(all_options().items(), reverse=True):
-        objective, opt = declared[0]
-        owners = ", ".join(o for o, _ in declared)
+        _, opt = declared[0]
+        defaults = "; ".join(f"{objective}: {o.default}" for objective, o in declared)
         kind = click.Choice(opt.choices) if opt.choices else type(opt.default)
+        helps = " | ".join(dict.fromkeys(f"{objective}: {o.help}" if len(declared) > 1 else o.help
+                                         for objective, o in declared))
         fn = click.option(flag(name), name, default=None, type=kind, show_default=False,
-                          help=f"{opt.help} [{owners}; default: {opt.default}]")(fn)
+                          help=f"{helps} [default {defaults}]")(fn)
     return fn
 
 

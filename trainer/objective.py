@@ -57,7 +57,8 @@ class ObjectiveSpec:
     build_model: Callable[[dict, dict, int], nn.Module]
     build_loss: Callable[[dict], Loss]
     options: dict[str, Option] = field(default_factory=dict)
-    layout: str = "views"
+    layout: str = "views"  # the store layout it trains on: views (frame pairs) or clips
+    plan: str | None = None  # for a clips layout, the sampling plan its store must be made with
 
     def defaults(self) -> dict:
         return {name: opt.default for name, opt in self.options.items()}

@@ -86,9 +86,11 @@ def _train(cfg: TrainConfig, world: World, device: torch.device) -> dict | None:
     dim, views = settings["dim"], settings["views"]
     spec = get_objective(cfg.objective)
     layout = settings.get("layout", "views")  # stores made before clip stores existed are views stores
-    if layout != spec.layout:
-        raise TrainingError(f"{stores[0].path}: a {layout} store, but objective '{cfg.objective}' trains on "
-                            f"{spec.layout} stores (cosettle-extract --layout {spec.layout})")
+    if layout != spec.layout or settings.get("plan") != spec.plan:
+        made = f"{layout} store" + (f" of the {settings.get('plan')} plan" if layout == "clips" else "")
+        wanted = f"--layout {spec.layout}" + (f" --plan {spec.plan}" if spec.plan else "")
+        raise TrainingError(f"{stores[0].path}: a {made}, but objective '{cfg.objective}' trains on stores "
+                            f"made with cosettle-extract {wanted}")
     chunks = chunk_table(stores)
     micro_per_epoch = batches_per_epoch(chunks, cfg.epochs, cfg.seed, world.size, cfg.batch_size)
     steps_per_epoch = micro_per_epoch // cfg.accum_iter

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from cosettle.core.devices import resolve_device
+from cosettle.core.provenance import digest
 from cosettle.eval.frame.run import write_json, write_record
 from cosettle.eval.trained_run import open_run
 from cosettle.eval.video import metrics
@@ -123,6 +124,15 @@ def run_protocol(cfg: ActionEvalConfig, run_info: dict | None) -> ClipProtocol:
     return replace(cfg.protocol, frames=store["frames"], levels=tuple(store["levels"]), pooling=store["pooling"])
 
 
+def protocol_cache(cache: Path | None, asked: ClipProtocol, protocol: ClipProtocol) -> Path | None:
+    """The cache to use: the given one, or beside it when a clip-level run changed the protocol (a
+    cache holds one protocol; the frozen backbone's and token-wise runs' vectors stay in the given one)."""
+    if cache is None or protocol == asked:
+        return cache
+    cache = Path(cache)
+    return cache.with_name(f"{cache.stem}-{digest(protocol.as_dict())[:8]}{cache.suffix}")
+
+
 def evaluate_action(cfg: ActionEvalConfig) -> dict:
     """Run the task on every requested split; write the summary, the per-split table and the record."""
     names = class_names(cfg.dataset, lists=cfg.lists)
@@ -133,8 +143,9 @@ def evaluate_action(cfg: ActionEvalConfig) -> dict:
         clip_text = load_clip_text(cfg.weights, device)
     backbone = load_backbone(cfg.backbone, cfg.weights, device=device, arch=cfg.arch)
     module, run_info = open_run(cfg.projection, backbone, device) if cfg.projection is not None else (None, None)
-    source = ClipFeatureSource(backbone, run_protocol(cfg, run_info), cfg.cache, module, run_info, device,
-                               cfg.batch_size, clip_text)
+    protocol = run_protocol(cfg, run_info)
+    source = ClipFeatureSource(backbone, protocol, protocol_cache(cfg.cache, cfg.protocol, protocol), module, run_info,
+                               device, cfg.batch_size, clip_text)
     per_split, reports = {}, []
     for split in cfg.splits:
         per_split[split], split_reports = score_split(cfg, source, split, names, clip_text)

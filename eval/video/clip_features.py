@@ -41,7 +41,7 @@ from cosettle.eval.zarr_cache import CacheError, ZarrCache
 from cosettle.pipeline.backbones import Backbone
 from cosettle.pipeline.pooling import NEEDS_CLASS_TOKEN as TOKEN_NEEDS_CLS
 from cosettle.pipeline.pooling import POOLINGS as TOKEN_POOLINGS
-from cosettle.pipeline.pooling import pool_tokens
+from cosettle.pipeline.pooling import pool_tokens, pooled_dim
 from cosettle.pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
 from cosettle.pipeline.videos import VideoError, open_video
 
@@ -219,8 +219,11 @@ class ClipFeatureSource:
     @property
     def vector_dim(self) -> int:
         """D', the width of a clip vector (the projection's output width may differ from D)."""
-        if self.head is not None:
-            return int(self.head.out_dim)
+        if self.head is not None:  # the objective's model has ``embed``, not the head's ``out_dim``
+            clip = torch.zeros(1, self.protocol.frames, len(self.protocol.levels),
+                               pooled_dim(self.backbone.dim, self.protocol.pooling), device=self.device)
+            with torch.no_grad():
+                return int(self.head.embed(clip).shape[-1])
         zeros = torch.zeros(1, 1, self.backbone.dim, device=self.device)
         with torch.no_grad():
             cls, patches = project_tokens(zeros[:, 0], zeros, self.projection)

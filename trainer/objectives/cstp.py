@@ -175,6 +175,7 @@ register(ObjectiveSpec(
     build_model=_model,
     build_loss=_loss,
     layout="clips",
+    plan="cstp",
     options={
         "contrastive": Option("byol", "Contrastive term between the two clips: BYOL (as the release) or NT-Xent.",
                               choices=CONTRASTIVE),

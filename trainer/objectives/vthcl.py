@@ -190,6 +190,7 @@ register(ObjectiveSpec(
     build_model=_model,
     build_loss=_loss,
     layout="clips",
+    plan="vthcl",
     options={
         "temperature": Option(0.07, "InfoNCE softmax temperature (MoCo's 0.07).",
                               check=lambda v: v > 0, requirement="must be positive"),
