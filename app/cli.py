@@ -1,4 +1,4 @@
-"""``cosettle``: the umbrella command (demo, report)."""
+"""``cosettle``: the umbrella command (demo, report, concepts)."""
 from __future__ import annotations
 
 import time
@@ -6,7 +6,12 @@ from pathlib import Path
 
 import click
 
+from cosettle.pipeline.concepts import ConceptError, build_concepts
+from cosettle.pipeline.text_tower import TextTowerError
+
 from .demo import DemoConfig, format_results, run_demo
+from .release_cli import export_release_command, import_release_command
+from .release_sweep import release_sweep
 from .report import report
 
 
@@ -32,4 +37,28 @@ def demo(out: Path, device: str) -> None:
                f"{out / 'results'} ({time.perf_counter() - start:.0f} s)")
 
 
+@main.command()
+@click.option("--weights", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The local OpenAI CLIP file (ViT-B-16.pt) the image side uses; never downloaded.")
+@click.option("--classes", "classes_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Class names, one a line. [default: the shipped Kinetics-400 names]")
+@click.option("--attributes", "attributes_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="'class name: phrase; phrase; ...' lines (e.g. data_manifests/concept_attributes_example.txt).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The .safetensors file.")
+@click.option("--overwrite", is_flag=True, help="Rebuild --out even when it was made for another vocabulary/weights.")
+@click.option("--device", default="cpu", show_default=True, help="Where the text tower runs (cpu, cuda).")
+def concepts(weights: Path, classes_file: Path | None, attributes_file: Path | None, out: Path, overwrite: bool,
+             device: str) -> None:
+    """Embed the concept vocabulary (class names, attribute phrases) with CLIP's text tower, cached in --out."""
+    try:
+        c = build_concepts(weights, out, classes_file, attributes_file, device=device, overwrite=overwrite)
+    except (ConceptError, TextTowerError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"{c.path}: {c.classes.shape[0]} classes, {c.attributes.shape[0]} attributes, "
+               f"embedding width {c.embed_dim} (weights {c.meta['weights']}, sha256 {c.meta['weights_sha256'][:12]})")
+
+
 main.add_command(report)
+main.add_command(import_release_command)
+main.add_command(export_release_command)
+main.add_command(release_sweep)

@@ -10,6 +10,12 @@ Writes, into ``--out`` (default: ``report/`` beside the results):
   its projection for every backbone and setting (needs a ``metrics`` evaluation);
 - ``deltas.png``: projection minus baseline per backbone and setting, one bar per metric.
 
+With the published figures (``data_manifests/cosettle_published.csv``, by backbone name and
+variant: the baseline is compared with ``base``, the projection with ``+Ours``), each DAVIS, VIP
+and JHMDB column is followed by ``published`` (base / +Ours) and ``measured - published``
+columns: always when the results hold imported releases (``cosettle release-sweep``), and for any
+results with ``--published``.
+
 When a task was rerun with other provenance (new weights, other settings), the table keeps, per
 backbone, the rows of its most recent weights and, per (backbone, variant, setting,
 evaluation), the most recent row; how many older rows were left out is reported.
@@ -29,6 +35,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from cosettle.pipeline.backbones import BACKBONES  # noqa: E402
 
+from .published import RELEASE_SETTING, PublishedError, read_published  # noqa: E402
 from .results import BASELINE, METRIC, PROJECTION, ResultsError, read_results  # noqa: E402
 
 
@@ -138,9 +145,28 @@ def _delta(base: float | None, proj: float | None) -> float | None:
     return None if base is None or proj is None else proj - base
 
 
-def markdown(lines: list[Line], columns: list[tuple[str, Column]]) -> str:
-    """The paper-style table: ``baseline / + projection (difference)`` per metric, in points."""
-    head = ["backbone", "setting"] + [_label(n, c) for n, c in columns]
+Published = dict[tuple[str, str], dict[tuple[str, str], float]]
+
+
+def _published(ln: Line, col: Column, published: Published | None) -> tuple[float | None, float | None] | None:
+    """(base, +Ours) published for a line's backbone and a headline column; None: no such column."""
+    if published is None or col not in HEADLINE:
+        return None
+    return tuple(published.get((ln.backbone_name, v), {}).get((col.kind, col.metric)) for v in ("base", "+Ours"))
+
+
+def _signed(value: float | None, col: Column) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value * col.scale:+.{col.digits}f}"
+
+
+def markdown(lines: list[Line], columns: list[tuple[str, Column]], published: Published | None = None) -> str:
+    """The paper-style table: ``baseline / + projection (difference)`` per metric, in points; with
+    ``published``, each headline metric also gets ``published`` and ``measured - published``."""
+    head = ["backbone", "setting"]
+    for n, c in columns:
+        head.append(_label(n, c))
+        if published is not None and c in HEADLINE:
+            head += [f"{_label(n, c)} published", f"{_label(n, c)} measured - published"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for ln in lines:
         cells = [ln.backbone, ln.setting_label]
@@ -149,15 +175,23 @@ def markdown(lines: list[Line], columns: list[tuple[str, Column]]) -> str:
             delta = _delta(base, proj)
             sign = "" if delta is None else f" ({delta * col.scale:+.{col.digits}f})"
             cells.append(f"{_fmt(base, col)} / {_fmt(proj, col)}{sign}")
+            paper = _published(ln, col, published)
+            if paper is not None:
+                cells.append(f"{_fmt(paper[0], col)} / {_fmt(paper[1], col)}")
+                cells.append(f"{_signed(_delta(paper[0], base), col)} / {_signed(_delta(paper[1], proj), col)}")
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
 
-def write_csv(path: Path, lines: list[Line], columns: list[tuple[str, Column]]) -> None:
-    """The same table with one column per (metric, baseline | projection | delta), in table units."""
+def write_csv(path: Path, lines: list[Line], columns: list[tuple[str, Column]], published: Published | None = None) -> None:
+    """The same table with one column per (metric, baseline | projection | delta), in table units;
+    with ``published``, also the published base / +Ours and measured - published per headline metric."""
     head = ["backbone", "backbone_name", "setting", "setting_label"]
+    parts = ("published baseline", "published projection", "baseline - published", "projection - published")
     for name, col in columns:
         head += [f"{_label(name, col)} {part}" for part in ("baseline", "projection", "delta")]
+        if published is not None and col in HEADLINE:
+            head += [f"{_label(name, col)} {part}" for part in parts]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(head)
@@ -166,6 +200,10 @@ def write_csv(path: Path, lines: list[Line], columns: list[tuple[str, Column]]) 
             for name, col in columns:
                 base, proj = _values(ln, name, col)
                 cells += [_fmt(v, col) if v is not None else "" for v in (base, proj, _delta(base, proj))]
+                paper = _published(ln, col, published)
+                if paper is not None:
+                    extra = (*paper, _delta(paper[0], base), _delta(paper[1], proj))
+                    cells += [_fmt(v, col) if v is not None else "" for v in extra]
             writer.writerow(cells)
 
 
@@ -235,8 +273,10 @@ def plot_deltas(path: Path, lines: list[Line], columns: list[tuple[str, Column]]
     return drawn
 
 
-def render(results: Path, out: Path) -> tuple[dict[str, Path], list[str]]:
-    """Write the table and plots of ``results`` into ``out``; returns (files written, notes)."""
+def render(results: Path, out: Path, published: bool | None = None) -> tuple[dict[str, Path], list[str]]:
+    """Write the table and plots of ``results`` into ``out``; returns (files written, notes).
+
+    ``published``: compare with the paper's figures (None: when the results hold releases)."""
     results = Path(results)
     try:
         rows = read_results(results).to_pylist()
@@ -254,9 +294,20 @@ def render(results: Path, out: Path) -> tuple[dict[str, Path], list[str]]:
     notes = []
     if superseded:
         notes.append(f"{superseded} older row(s) of rerun tasks left out (the newest of each are reported)")
+    if published is None:
+        published = any(ln.setting == RELEASE_SETTING for ln in lines)
+    paper = None
+    if published:
+        try:
+            paper = read_published()
+        except PublishedError as e:
+            raise ReportError(str(e)) from None
+        missing = sorted({ln.backbone_name for ln in lines if (ln.backbone_name, "base") not in paper})
+        if missing:
+            notes.append(f"no published figures for {', '.join(missing)}")
     files = {"table.md": out / "table.md", "table.csv": out / "table.csv"}
-    files["table.md"].write_text(markdown(lines, columns))
-    write_csv(files["table.csv"], lines, columns)
+    files["table.md"].write_text(markdown(lines, columns, paper))
+    write_csv(files["table.csv"], lines, columns, paper)
     if any(c in HEADLINE + VIDEO for _, c in columns):
         files["deltas.png"] = out / "deltas.png"
         if not plot_deltas(files["deltas.png"], lines, columns):
@@ -275,10 +326,12 @@ def render(results: Path, out: Path) -> tuple[dict[str, Path], list[str]]:
 @click.argument("results", type=click.Path(exists=True, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for table.md, table.csv and the plots  [default: report/ beside RESULTS]")
-def report(results: Path, out: Path | None) -> None:
+@click.option("--published/--no-published", default=None,
+              help="Add the paper's published figures and measured - published  [default: when the results hold releases]")
+def report(results: Path, out: Path | None, published: bool | None) -> None:
     """Render a sweep's RESULTS (results.parquet folder or file) as a Markdown/CSV table and PNG plots."""
     try:
-        files, notes = render(results, out or results.parent / "report")
+        files, notes = render(results, out or results.parent / "report", published)
     except ReportError as e:
         raise click.ClickException(str(e)) from None
     click.echo(files["table.md"].read_text())

@@ -90,16 +90,16 @@ def local_cluster(workers: int, processes: bool = True):
                             **({"env": env} if processes else {}))
 
 
-def run_sweep(sweep: Sweep | Path, scheduler: str | None = None, workers: int | None = None,
-              processes: bool = True, echo: Callable[[str], None] = print, scheduler_file: Path | None = None) -> Outcome:
-    """Plan and run a sweep on a Dask cluster (``scheduler`` address or ``scheduler_file``, else a
-    new local one).
+def run_plan(plan: Plan, scheduler: str | None = None, workers: int | None = None, processes: bool = True,
+             echo: Callable[[str], None] = print, scheduler_file: Path | None = None) -> Outcome:
+    """Run the jobs of ``plan`` not done yet on a Dask cluster (``scheduler`` address or
+    ``scheduler_file``, else a new local one with ``workers`` or the sweep's workers).
 
     Raises SweepError naming the failed tasks once every runnable task has finished.
     """
-    sweep = sweep if isinstance(sweep, Sweep) else parse_sweep(sweep)
-    plan = plan_sweep(sweep)
+    sweep = plan.sweep
     echo(f"{sweep.file}: {len(plan.jobs)} tasks, {len(plan.done)} already done, {len(plan.todo)} to run")
+    outcome = Outcome([], sorted(plan.done), {}, {})
     if plan.todo:
         if scheduler or scheduler_file:
             with Client(scheduler, scheduler_file=str(scheduler_file) if scheduler_file else None) as client:
@@ -107,8 +107,6 @@ def run_sweep(sweep: Sweep | Path, scheduler: str | None = None, workers: int | 
         else:
             with local_cluster(workers or sweep.workers, processes) as cluster, Client(cluster) as client:
                 outcome = execute(plan, client, echo)
-    else:
-        outcome = Outcome([], sorted(plan.done), {}, {})
     if outcome.failed:
         lines = [f"{k}: {v}" for k, v in sorted(outcome.failed.items())]
         raise SweepError(f"{sweep.file}: {len(outcome.failed)} task(s) failed, {len(outcome.blocked)} not run; "
@@ -117,27 +115,38 @@ def run_sweep(sweep: Sweep | Path, scheduler: str | None = None, workers: int | 
     return outcome
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.argument("sweep_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--scheduler", default=None, help="Address of a running Dask scheduler (default: a local cluster).")
-@click.option("--scheduler-file", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="The scheduler file of a running Dask scheduler (dask scheduler --scheduler-file).")
-@click.option("--workers", default=None, type=click.IntRange(min=1),
-              help="Local CPU workers (default: [sweep] workers); with GPUs, one worker per GPU.")
-@click.option("--dry-run", is_flag=True, help="Print every task, whether it is done, and its output; run nothing.")
-def main(sweep_file: Path, scheduler: str | None, scheduler_file: Path | None, workers: int | None,
-         dry_run: bool) -> None:
-    """Run every backbone x training setting x evaluation of SWEEP_FILE; rerunning finishes what is left."""
-    try:
-        sweep = parse_sweep(sweep_file)
-        if dry_run:
-            plan = plan_sweep(sweep)
-            for job in plan.jobs.values():
-                click.echo(f"{'done' if job.id in plan.done else 'todo'}  {job.id}  {output_of(job)}")
-            return
-        if scheduler and scheduler_file:
-            raise click.UsageError("give --scheduler or --scheduler-file, not both")
-        run_sweep(sweep, scheduler=scheduler, workers=workers, scheduler_file=scheduler_file)
-    except (SweepFileError, SweepError, VideoError, ListFileError) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(1)
+def run_sweep(sweep: Sweep | Path, **options) -> Outcome:
+    """Plan and run a sweep file (see :func:`run_plan` for the options)."""
+    return run_plan(plan_sweep(sweep if isinstance(sweep, Sweep) else parse_sweep(sweep)), **options)
+
+
+def sweep_command(parse: Callable[[Path], object], plan: Callable[[object], Plan], name: str | None,
+                  summary: str) -> click.Command:
+    """The command of one kind of sweep file: run (or ``--dry-run``: list) what is left to do."""
+    @click.command(name, help=summary, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+    @click.argument("sweep_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+    @click.option("--scheduler", default=None, help="Address of a running Dask scheduler (default: a local cluster).")
+    @click.option("--scheduler-file", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                  help="The scheduler file of a running Dask scheduler (dask scheduler --scheduler-file).")
+    @click.option("--workers", default=None, type=click.IntRange(min=1),
+                  help="Local CPU workers (default: [sweep] workers); with GPUs, one worker per GPU.")
+    @click.option("--dry-run", is_flag=True, help="Print every task, whether it is done, and its output; run nothing.")
+    def command(sweep_file: Path, scheduler: str | None, scheduler_file: Path | None, workers: int | None,
+                dry_run: bool) -> None:
+        try:
+            jobs = plan(parse(sweep_file))
+            if dry_run:
+                for job in jobs.jobs.values():
+                    click.echo(f"{'done' if job.id in jobs.done else 'todo'}  {job.id}  {output_of(job)}")
+                return
+            if scheduler and scheduler_file:
+                raise click.UsageError("give --scheduler or --scheduler-file, not both")
+            run_plan(jobs, scheduler=scheduler, workers=workers, scheduler_file=scheduler_file)
+        except (SweepFileError, SweepError, VideoError, ListFileError) as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+    return command
+
+
+main = sweep_command(parse_sweep, plan_sweep, None,
+                     "Run every backbone x training setting x evaluation of SWEEP_FILE; rerunning finishes what is left.")

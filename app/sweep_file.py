@@ -62,6 +62,7 @@ class BackboneEntry:
     name: str
     weights: str  # an absolute path, or "random"
     arch: dict | None = None
+    release: str | None = None  # a '+Ours' release file (release sweeps only)
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,19 @@ def parse_sweep(path: Path, evaluations: Mapping[str, EvalTask] | None = None) -
     r = open_toml(path)
     r.table((), {"sweep", "datasets", "extract", "backbones", "train", "evaluations"})
 
+    out, device, workers = sweep_table(r)
+    datasets = read_datasets(r)
+    if "train" not in datasets or datasets["train"].videos is None:
+        raise r.error(("datasets", "train", "videos"), "missing: the training videos (a directory or a list file)")
+    extract = _config_table(r, ("extract",), ExtractConfig, EXTRACT_FIXED, EXTRACT_TYPES)
+    backbones = read_backbones(r)
+    settings = _settings(r)
+    evals = read_evaluations(r, datasets, discover() if evaluations is None else evaluations)
+    return Sweep(path, out, device, workers, datasets["train"], extract, backbones, settings, evals)
+
+
+def sweep_table(r: Reader) -> tuple[Path, str, int]:
+    """The ``[sweep]`` table: output folder, device, local workers."""
     r.table(("sweep",), {"out", "device", "workers"})
     out = r.path(("sweep", "out"), must_exist=False)
     device = r.get(("sweep", "device"), str, "auto")
@@ -133,18 +147,11 @@ def parse_sweep(path: Path, evaluations: Mapping[str, EvalTask] | None = None) -
     workers = r.get(("sweep", "workers"), int, 1)
     if workers < 1:
         raise r.error(("sweep", "workers"), f"must be at least 1, got {workers}")
-
-    datasets = _datasets(r)
-    if "train" not in datasets or datasets["train"].videos is None:
-        raise r.error(("datasets", "train", "videos"), "missing: the training videos (a directory or a list file)")
-    extract = _config_table(r, ("extract",), ExtractConfig, EXTRACT_FIXED, EXTRACT_TYPES)
-    backbones = _backbones(r)
-    settings = _settings(r)
-    evals = _evaluations(r, datasets, discover() if evaluations is None else evaluations)
-    return Sweep(path, out, device, workers, datasets["train"], extract, backbones, settings, evals)
+    return out, device, workers
 
 
-def _datasets(r: Reader) -> dict[str, Dataset]:
+def read_datasets(r: Reader) -> dict[str, Dataset]:
+    """The ``[datasets.NAME]`` tables."""
     out = {}
     for name in r.table(("datasets",), None):
         key = ("datasets", name)
@@ -163,25 +170,26 @@ def _config_table(r: Reader, key: Key, cls: type, exclude: set[str], types: dict
     return {name: r.typed(key + (name,), value, kinds[name]) for name, value in table.items()}
 
 
-def _check_name(r: Reader, key: Key, name: str) -> None:
+def check_name(r: Reader, key: Key, name: str) -> None:
     """Names that become task ids and folder names."""
     if not re.fullmatch(r"[A-Za-z0-9_.]+(?:-[A-Za-z0-9_.]+)*", name):
         raise r.error(key, f"{name!r}: use letters, digits, '_', '.' and single inner '-' only (it names folders)")
 
 
-def _backbones(r: Reader) -> tuple[BackboneEntry, ...]:
+def read_backbones(r: Reader, releases: bool = False) -> tuple[BackboneEntry, ...]:
+    """The ``[[backbones]]`` tables; with ``releases``, each may name a '+Ours' ``release`` file."""
     entries = r.get(("backbones",), list)
     if not entries:
         raise r.error(("backbones",), "give at least one [[backbones]] table")
     out: list[BackboneEntry] = []
     for i in range(len(entries)):
         key: Key = ("backbones", i)
-        r.table(key, {"id", "name", "weights", "arch"})
+        r.table(key, {"id", "name", "weights", "arch"} | ({"release"} if releases else set()))
         name = r.get(key + ("name",), str)
         if name not in BACKBONES:
             raise r.error(key + ("name",), f"unknown backbone {name!r} (known: {', '.join(BACKBONES)})")
         ident = r.get(key + ("id",), str, name)
-        _check_name(r, key + ("id",), ident)
+        check_name(r, key + ("id",), ident)
         if any(b.id == ident for b in out):
             raise r.error(key + ("id",) if "id" in entries[i] else key + ("name",),
                           f"backbone id {ident!r} is used twice; give each entry its own `id`")
@@ -189,7 +197,10 @@ def _backbones(r: Reader) -> tuple[BackboneEntry, ...]:
         if weights != RANDOM:
             weights = str(r.path(key + ("weights",)))
         arch = r.get(key + ("arch",), dict, None)
-        out.append(BackboneEntry(ident, name, weights, arch))
+        release = r.path(key + ("release",), default=None)
+        if release is not None and not release.is_file():
+            raise r.error(key + ("release",), f"not a file: {release}")
+        out.append(BackboneEntry(ident, name, weights, arch, str(release) if release else None))
     return tuple(out)
 
 
@@ -223,11 +234,11 @@ def _settings(r: Reader) -> tuple[Setting, ...]:
     return tuple(settings)
 
 
-def _evaluations(r: Reader, datasets: dict[str, Dataset], kinds: Mapping[str, EvalTask]) -> tuple[Evaluation, ...]:
+def read_evaluations(r: Reader, datasets: dict[str, Dataset], kinds: Mapping[str, EvalTask]) -> tuple[Evaluation, ...]:
     out = []
     for name in r.table(("evaluations",), None):
         key = ("evaluations", name)
-        _check_name(r, key, name)
+        check_name(r, key, name)
         table = r.table(key, None)
         kind_name = r.get(key + ("kind",), str, name)
         if kind_name not in kinds:

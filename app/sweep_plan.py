@@ -147,7 +147,7 @@ def _status(job: Job) -> Any:
     return str(path) if path.is_file() else None
 
 
-def _backbone_key(entry: BackboneEntry) -> dict:
+def backbone_key(entry: BackboneEntry) -> dict:
     sha = "random" if entry.weights == "random" else sha256_file(Path(entry.weights))
     return {"name": entry.name, "weights": Path(entry.weights).name, "weights_sha256": sha, "arch": entry.arch}
 
@@ -161,14 +161,14 @@ def plan_sweep(sweep: Sweep) -> Plan:
     jobs: dict[str, Job] = {}
     base_row = {"sweep": str(sweep.file), "cosettle_version": package_version()}
     for entry in sweep.backbones:
-        bkey = _backbone_key(entry)
+        bkey = backbone_key(entry)
         extracts: dict[str | None, ExtractJob] = {}
         row = base_row | {"backbone": entry.id, "backbone_name": entry.name, "weights": bkey["weights"],
                           "weights_sha256": bkey["weights_sha256"],
                           "arch": json.dumps(entry.arch, sort_keys=True) if entry.arch else None}
         baselines = {}
         for ev in sweep.evaluations:
-            job = _eval_job(sweep, entry, bkey, ev, None, None, None, row, None)
+            job = eval_job(sweep, entry, bkey, ev, None, None, None, row, None)
             jobs[job.id] = baselines[ev.name] = job
         for setting in sweep.settings:
             plan = get_objective(setting.values.get("objective", "cosettle")).plan
@@ -185,7 +185,7 @@ def plan_sweep(sweep: Sweep) -> Plan:
             for ev in sweep.evaluations:
                 # A clip-level head maps whole clips: only video-level tasks can evaluate it.
                 if plan is None or discover()[ev.kind].family == "video":
-                    job = _eval_job(sweep, entry, bkey, ev, setting, tr, ex, row, baselines[ev.name])
+                    job = eval_job(sweep, entry, bkey, ev, setting, tr, ex, row, baselines[ev.name])
                     jobs[job.id] = job
     done = {}
     for job in jobs.values():
@@ -219,7 +219,7 @@ def _extract_job(sweep: Sweep, entry: BackboneEntry, bkey: dict, videos: list[st
     )
 
 
-def _eval_job(sweep: Sweep, entry: BackboneEntry, bkey: dict, ev: Evaluation, setting: Setting | None,
+def eval_job(sweep: Sweep, entry: BackboneEntry, bkey: dict, ev: Evaluation, setting: Setting | None,
               train: TrainJob | None, extract: ExtractJob | None, row: dict, baseline: EvalJob | None) -> EvalJob:
     variant = setting.id if setting else "baseline"
     spec = {"kind": ev.kind, "root": ev.dataset.root, "videos": ev.dataset.videos, "options": ev.options}

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import click
 
+from cosettle.core.errors import first_line
 from cosettle.core.listfiles import ListFileError
 from cosettle.eval.frame.datasets import DatasetError
 from cosettle.eval.frame.features import CacheError
 from cosettle.eval.video.datasets import ActionDataError
-from cosettle.eval.video.text import TextTowerError
 from cosettle.pipeline.backbones import BACKBONES
 from cosettle.pipeline.checkpoints import CheckpointError
+from cosettle.pipeline.text_tower import TextTowerError
 from cosettle.pipeline.videos import VideoError
 from cosettle.trainer.projection import ProjectionError
 
@@ -30,12 +31,18 @@ def one_line_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except ERRORS as e:
-            message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)  # str() of a KeyError adds quotes
-            raise click.ClickException(str(message).splitlines()[0]) from None
+            raise click.ClickException(one_line_message(e)) from None
     return wrapper
 
 
-def _parse_arch(ctx, param, value):
+def one_line_message(error: Exception) -> str:
+    """The first line of an error's message (a KeyError's own text: its str() adds quotes)."""
+    message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    return first_line(ValueError(str(message)))
+
+
+def parse_arch(ctx, param, value):
+    """Click callback: the hidden --arch JSON object of timm architecture overrides (tiny test models)."""
     if value is None:
         return None
     try:
@@ -52,10 +59,10 @@ def backbone_options(fn: Callable, required: bool = True, batch_size: int = 8) -
     options = [
         click.option("--backbone", required=required, type=click.Choice(list(BACKBONES)), help="Registered backbone."),
         click.option("--weights", required=required, help="Official release checkpoint file, or 'random'."),
-        click.option("--projection", default="none", help="'none' (frozen backbone) or a cosettle-train run directory."),
+        click.option("--projection", default="none", help="'none' (frozen backbone), a cosettle-train run directory, or a Co-Settle release file (checkpoint-4.pth)."),
         click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N."),
         click.option("--batch-size", default=batch_size, type=click.IntRange(min=1), help="Frames per backbone forward pass."),
-        click.option("--arch", default=None, callback=_parse_arch, hidden=True,
+        click.option("--arch", default=None, callback=parse_arch, hidden=True,
                      help="JSON of timm architecture overrides (tiny test models)."),
     ]
     for option in reversed(options):

@@ -2,6 +2,22 @@
 
 Every backbone is a timm VisionTransformer plus a ``CheckpointFormat`` saying how its official
 release file maps onto it. Adding one is a single ``register(BackboneSpec(...))``.
+
+Token rule (``BackboneSpec.final_norm``): which token sets go through the backbone's final norm.
+
+- ``"all"`` (the default): every token set is normalised: A, B and A_asy of a views store, the
+  evaluation features (``tokens``, ``patch_features``) and every pooled level (``level_vectors``).
+- ``"asy-only"``: only the asymmetric branch (``patch_features`` with ``asy_offset``: A_asy) is
+  normalised; A, B, the evaluation features and every pooled level are the last (or given) block's
+  tokens without the final norm. This is the Co-Settle authors' I-JEPA code (models/ijepa/deit.py):
+  ``forward_encoder`` returns the blocks' output unnormalised, ``forward_encoder_asy`` normalises it.
+  The authors never pool intermediate levels; ``level_vectors`` follows the non-asymmetric path (no
+  norm) so that its last level stays the pooled ``tokens``.
+
+``ijepa_vitb`` follows ``"asy-only"`` (the published I-JEPA row); ``ijepa_vitb_norm`` is the same
+release with ``"all"``. The rule is provenance: stores record it in their settings and evaluation
+caches in their key (``final_norm``; absent means ``"all"``, so records of ``"all"`` backbones are
+unchanged), and a store or cache made with another rule is refused, never mixed.
 """
 from __future__ import annotations
 
@@ -19,6 +35,18 @@ from .pooling import NEEDS_CLASS_TOKEN, check_pooling, pool_tokens
 from .views import asy_grid_size
 
 RANDOM = "random"
+ALL = "all"  # every token set after the final norm
+ASY_ONLY = "asy-only"  # only A_asy after the final norm (the authors' I-JEPA forward_encoder[_asy])
+FINAL_NORM_RULES = (ALL, ASY_ONLY)
+FINAL_NORM_KEY = "final_norm"  # the settings / cache-key entry; recorded only when not "all"
+
+
+def final_norm_record(rule: str) -> dict:
+    """What provenance records of a token rule: ``{}`` for ``"all"`` (a record without the key was
+    made with every token normalised, as all were before rules existed), else ``{"final_norm": rule}``."""
+    if rule not in FINAL_NORM_RULES:
+        raise ValueError(f"unknown final-norm rule {rule!r}; choose one of {', '.join(FINAL_NORM_RULES)}")
+    return {} if rule == ALL else {FINAL_NORM_KEY: rule}
 
 
 @dataclass(frozen=True)
@@ -31,6 +59,7 @@ class BackboneSpec:
     model_kwargs: dict = field(default_factory=dict)
     image_size: int = 224
     description: str = ""
+    final_norm: str = ALL  # the token rule (module docstring): "all" or "asy-only"
 
 
 BACKBONES: dict[str, BackboneSpec] = {}
@@ -41,6 +70,9 @@ def register(spec: BackboneSpec) -> BackboneSpec:
     """Add a backbone to ``BACKBONES``; a name registered twice is an error."""
     if spec.name in BACKBONES:
         raise ValueError(f"backbone '{spec.name}' is registered twice")
+    if spec.final_norm not in FINAL_NORM_RULES:
+        raise ValueError(f"backbone '{spec.name}': unknown final_norm {spec.final_norm!r}; "
+                         f"choose one of {', '.join(FINAL_NORM_RULES)}")
     BACKBONES[spec.name] = spec
     return spec
 
@@ -54,7 +86,15 @@ register(BackboneSpec(
     "ijepa_vitb", "vit_base_patch16_224",
     CheckpointFormat(container="encoder", keep_prefix="module."),
     model_kwargs=dict(class_token=False, global_pool="avg", fc_norm=False),
-    description="I-JEPA ViT-B/16 (encoder of the training checkpoint)",
+    description="I-JEPA ViT-B/16 (encoder of the training checkpoint); A, B and evaluation tokens "
+                "without the final norm, A_asy with it, as the Co-Settle authors' code",
+    final_norm=ASY_ONLY,
+))
+register(BackboneSpec(
+    "ijepa_vitb_norm", "vit_base_patch16_224",
+    CheckpointFormat(container="encoder", keep_prefix="module."),
+    model_kwargs=dict(class_token=False, global_pool="avg", fc_norm=False),
+    description="I-JEPA ViT-B/16 (encoder of the training checkpoint); every token after the final norm",
 ))
 register(BackboneSpec(
     "mocov3_vitb", "vit_base_patch16_224",
@@ -97,8 +137,9 @@ register(BackboneSpec(
 
 
 class Backbone(torch.nn.Module):
-    """A frozen ViT returning last-block patch tokens (after the final norm, prefix tokens dropped),
-    with ``tokens`` its class token, and with ``level_vectors`` pooled vectors of several blocks."""
+    """A frozen ViT returning last-block patch tokens (prefix tokens dropped; after the final norm as
+    its spec's token rule says, see the module docstring), with ``tokens`` its class token, and with
+    ``level_vectors`` pooled vectors of several blocks."""
 
     def __init__(self, spec: BackboneSpec, model: torch.nn.Module, weights: str, weights_sha256: str):
         super().__init__()
@@ -120,6 +161,17 @@ class Backbone(torch.nn.Module):
     def image_size(self) -> int:
         return self.grid * self.patch_size
 
+    @property
+    def final_norm(self) -> str:
+        """The token rule: "all" or "asy-only" (module docstring)."""
+        return self.spec.final_norm
+
+    @property
+    def norm_plain(self) -> bool:
+        """Whether tokens without the asymmetric embedding (A, B, evaluation features, pooled levels)
+        go through the final norm; A_asy always does."""
+        return self.spec.final_norm == ALL
+
     def _patch_pos_grid(self) -> torch.Tensor:
         """The positional embedding of the patch tokens as [1, D, g, g]."""
         pos = self.model.pos_embed
@@ -137,7 +189,11 @@ class Backbone(torch.nn.Module):
 
     def asy_patch_pos(self, offsets: torch.Tensor, asy_ratio: float) -> torch.Tensor:
         """Asymmetric positional embedding [B, g*g, D]: the g x g window at each (oy, ox) of the
-        embedding grid enlarged bicubically to S x S, S = int((1 + asy_ratio) * g)."""
+        embedding grid enlarged bicubically to S x S, S = int((1 + asy_ratio) * g).
+
+        g is the training-size grid (224 px): for dinov2_vitb14 the 16 x 16 grid its 37 x 37
+        release positions were resized to, not the native 37 x 37 grid the authors' code would
+        enlarge (a deliberate choice; dinov2_vitb14 is not in the paper)."""
         s = asy_grid_size(self.grid, asy_ratio)
         key = (s, self.model.pos_embed.device, self.model.pos_embed.dtype)
         if key not in self._asy_cache:
@@ -162,9 +218,9 @@ class Backbone(torch.nn.Module):
     @torch.no_grad()
     def tokens(self, images: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(class token [B, D], patch tokens [B, h*w, D]) of normalised images from one forward pass,
-        both after the final norm; the class token is None for a backbone without one (ijepa_vitb).
-        The patch tokens are exactly ``patch_features(images)``."""
-        x = self._forward(images, self.patch_pos(*self._patch_grid(images)))
+        both after the final norm unless the token rule is "asy-only"; the class token is None for a
+        backbone without one (ijepa_vitb). The patch tokens are exactly ``patch_features(images)``."""
+        x = self._forward(images, self.patch_pos(*self._patch_grid(images)), norm=self.norm_plain)
         cls = x[:, 0] if self.model.cls_token is not None else None  # timm puts the class token first
         return cls, x[:, self.num_prefix :]
 
@@ -174,6 +230,8 @@ class Backbone(torch.nn.Module):
 
         ``asy_offset``: None for the standard embedding, one (oy, ox) for the whole batch, or a
         [B, 2] tensor of per-image offsets for the asymmetric window (training-size input only).
+        Without an offset (A, B, evaluation features) the final norm follows the token rule; with
+        one (A_asy) the tokens are always after the final norm.
         """
         if asy_offset is None:
             return self.tokens(images)[1]
@@ -184,7 +242,7 @@ class Backbone(torch.nn.Module):
         offsets = torch.as_tensor(asy_offset).reshape(-1, 2)
         if offsets.shape[0] == 1:
             offsets = offsets.expand(images.shape[0], 2)
-        return self._forward(images, self.asy_patch_pos(offsets, asy_ratio))[:, self.num_prefix :]
+        return self._forward(images, self.asy_patch_pos(offsets, asy_ratio), norm=True)[:, self.num_prefix :]
 
     @property
     def depth(self) -> int:
@@ -210,9 +268,10 @@ class Backbone(torch.nn.Module):
         """Pooled vectors [B, L, D'] (float32) of normalised images [B, 3, H, W] at several depths.
 
         ``levels``: 1-based block indices; the tokens after each of those blocks go through the
-        backbone's final norm (as the last block's do in ``tokens``) and are pooled per image by
-        ``pooling`` (``cosettle.pipeline.pooling``). One forward pass, stopped after the deepest
-        level; the last level ``depth`` gives exactly the pooled ``tokens(images)``.
+        backbone's final norm as the last block's do in ``tokens`` (so not for the "asy-only" rule)
+        and are pooled per image by ``pooling`` (``cosettle.pipeline.pooling``). One forward pass,
+        stopped after the deepest level; the last level ``depth`` gives exactly the pooled
+        ``tokens(images)``.
         """
         levels = self.check_levels(levels)
         self.check_pooling(pooling)
@@ -222,14 +281,16 @@ class Backbone(torch.nn.Module):
         for i, block in enumerate(m.blocks[: levels[-1]], start=1):
             x = block(x)
             if i in levels:
-                y = m.norm(x).float()  # pooled in float32, also under autocast
+                y = (m.norm(x) if self.norm_plain else x).float()  # pooled in float32, also under autocast
                 cls = y[:, 0] if m.cls_token is not None else None
                 out.append(pool_tokens(cls, y[:, self.num_prefix :], pooling))
         return torch.stack(out, dim=1)
 
-    def _forward(self, images: torch.Tensor, patch_pos: torch.Tensor) -> torch.Tensor:
-        """All tokens [B, prefix + h*w, D] after the final norm, patch positions given."""
-        return self.model.norm(self.model.blocks(self._embed(images, patch_pos)))
+    def _forward(self, images: torch.Tensor, patch_pos: torch.Tensor, norm: bool) -> torch.Tensor:
+        """All tokens [B, prefix + h*w, D] of the last block, after the final norm if ``norm``,
+        patch positions given."""
+        x = self.model.blocks(self._embed(images, patch_pos))
+        return self.model.norm(x) if norm else x
 
     def _embed(self, images: torch.Tensor, patch_pos: torch.Tensor) -> torch.Tensor:
         """The input of the first block [B, prefix + h*w, D], patch positions given."""

@@ -87,7 +87,12 @@ def _convert(sd: dict[str, torch.Tensor], fmt: CheckpointFormat, model: torch.nn
 
 def read_state_dict(path: Path, fmt: CheckpointFormat, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Load ``path`` and convert it to a state dict for ``model`` following ``fmt``."""
-    obj = _load_object(path, fmt.torchscript)
+    return to_model_names(own_names(_load_object(path, fmt.torchscript), fmt, path), fmt, model, path)
+
+
+def own_names(obj, fmt: CheckpointFormat, path: Path | str) -> dict[str, torch.Tensor]:
+    """The encoder entries of a release file's loaded object under the backbone's own names
+    (``fmt``'s container entry and key prefix removed)."""
     if fmt.container is not None:
         if not isinstance(obj, dict) or fmt.container not in obj:
             keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
@@ -98,6 +103,12 @@ def read_state_dict(path: Path, fmt: CheckpointFormat, model: torch.nn.Module) -
     sd = {k[len(fmt.keep_prefix):]: v for k, v in obj.items() if k.startswith(fmt.keep_prefix)}
     if not sd:
         raise CheckpointError(f"{path}: no key starts with '{fmt.keep_prefix}'")
+    return sd
+
+
+def to_model_names(sd: dict[str, torch.Tensor], fmt: CheckpointFormat, model: torch.nn.Module,
+                   path: Path | str) -> dict[str, torch.Tensor]:
+    """Own-name entries renamed and converted to ``model``'s layout (dropped keys removed)."""
     for pattern, repl in fmt.rename:
         sd = {re.sub(pattern, repl, k): v for k, v in sd.items()}
     try:

@@ -79,8 +79,8 @@ def check_layout_options(ctx: click.Context, kw: dict) -> None:
 @click.option("--plan", type=click.Choice(PLANS), help="Clip-pair plan (--layout clips): vthcl slow/fast, cstp overlaps.")
 @click.option("--clip-frames", default=8, type=click.IntRange(min=1), help="Frames T per clip (--layout clips).")
 @click.option("--levels", callback=parse_levels,
-              help="1-based blocks whose outputs (after the final norm) are pooled, e.g. 4,8,12 "
-                   "(--layout clips; default: the last block).")
+              help="1-based blocks whose outputs are pooled (normalised as the backbone's token rule says), "
+                   "e.g. 4,8,12 (--layout clips; default: the last block).")
 @click.option("--pooling", default="cls+mean", type=click.Choice(POOLINGS),
               help="Per-frame pooling (--layout clips); cls needs a class token.")
 @click.option("--slow-stride", default=SLOW_STRIDE, type=click.IntRange(min=1), help="vthcl: frame stride of clip 1.")

@@ -90,6 +90,7 @@ class ClipsLayout:
             levels=self.levels, pooling=cfg.pooling, dim=self.dim, dtype=cfg.dtype, views=cfg.views,
             crop_scale=CROP_SCALE, crop_ratio=CROP_RATIO, seed=cfg.seed, num_videos=len(videos),
             videos_sha256=videos_digest(videos), chunk_videos=cfg.chunk_videos, compressor=cfg.compressor,
+            final_norm=bb.final_norm,
         )
 
     def dataset(self, root: Path, todo: list[tuple[int, str]]) -> Dataset:

@@ -133,7 +133,7 @@ def store_settings(cfg: ExtractConfig, backbone: Backbone, videos: list[str]) ->
         image_size=backbone.image_size, grid=backbone.grid, dim=backbone.dim, dtype=cfg.dtype, views=cfg.views,
         clip_gap=cfg.clip_gap, crop_scale=CROP_SCALE, crop_ratio=CROP_RATIO, asy_ratio=cfg.asy_ratio,
         seed=cfg.seed, num_videos=len(videos), videos_sha256=videos_digest(videos),
-        chunk_videos=cfg.chunk_videos, compressor=cfg.compressor,
+        chunk_videos=cfg.chunk_videos, compressor=cfg.compressor, final_norm=backbone.final_norm,
     )
 
 

@@ -12,6 +12,13 @@ Layout of ``NAME.zarr`` (V videos, K views per video, T tokens of dim D, blocks 
 - group attributes ``cosettle_store``: format version, the settings every writer must share,
   environment versions, creation time, and ``complete`` once every block is done.
 
+The settings include the backbone's token rule (``final_norm``, ``cosettle.pipeline.backbones``) when
+it is not ``"all"``; a store without it was made with every token normalised (as every store was
+before rules existed), so stores of ``"all"`` backbones read and compare as they always did. A store
+made with another rule than its backbone's registered one (an ``ijepa_vitb`` store made before its
+"asy-only" rule) is refused: ``create_or_open`` (resume, join) compares the rules explicitly, and
+``open_store`` (training) refuses it, so it is never mixed with tokens of the current rule.
+
 Beside it, ``NAME.manifest/part-BLOCK.parquet``: one row per (video, view) with what was sampled.
 
 That is the ``views`` layout (settings without a ``layout`` key). A ``clips`` store (settings
@@ -39,6 +46,7 @@ import zarr
 
 from cosettle.core.provenance import environment, mismatches, now_utc
 
+from .backbones import ALL, BACKBONES, FINAL_NORM_KEY, final_norm_record
 from .clips import LABELS
 
 FORMAT = 1
@@ -84,12 +92,14 @@ class StoreSettings:
     videos_sha256: str
     chunk_videos: int
     compressor: str
+    final_norm: str = ALL  # the backbone's token rule; recorded only when not "all"
     layout: ClassVar[str] = "views"  # not recorded: a store without ``layout`` is a views store
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["crop_scale"], d["crop_ratio"] = list(self.crop_scale), list(self.crop_ratio)
-        return d
+        del d[FINAL_NORM_KEY]
+        return d | final_norm_record(self.final_norm)
 
     @property
     def tokens(self) -> int:
@@ -131,13 +141,15 @@ class ClipStoreSettings:
     videos_sha256: str
     chunk_videos: int
     compressor: str
+    final_norm: str = ALL  # the backbone's token rule; recorded only when not "all"
     layout: ClassVar[str] = "clips"
 
     def as_dict(self) -> dict:
         d = {"layout": self.layout, **asdict(self)}
         params = json.loads(json.dumps(d.pop("plan_params")))  # tuples -> lists, as read back
         d["levels"], d["crop_scale"], d["crop_ratio"] = list(self.levels), list(self.crop_scale), list(self.crop_ratio)
-        return {**d, **params}
+        del d[FINAL_NORM_KEY]
+        return {**d, **params, **final_norm_record(self.final_norm)}
 
     @property
     def num_blocks(self) -> int:
@@ -150,6 +162,21 @@ class ClipStoreSettings:
                                 ("view", "video", "clip", "frame", "level", "channel")),
             "labels": ArraySpec((k, v, len(LABELS)), (1, c, len(LABELS)), "int16", -1, ("view", "video", "label")),
         }
+
+
+def token_rule(settings: dict) -> str:
+    """The token rule a store was made with: its ``final_norm``, ``"all"`` when none is recorded."""
+    return settings.get(FINAL_NORM_KEY, ALL)
+
+
+def rule_mismatch(store: FeatureStore) -> str | None:
+    """'final_norm: expected R, found S' when ``store`` was made with another token rule than its
+    backbone's registered one (None for a match or an unregistered backbone, e.g. synthetic)."""
+    spec = BACKBONES.get(store.settings.get("backbone"))
+    found = token_rule(store.settings)
+    if spec is None or found == spec.final_norm:
+        return None
+    return f"{FINAL_NORM_KEY}: expected {spec.final_norm!r}, found {found!r}"
 
 
 def videos_digest(videos: list[str]) -> str:
@@ -302,7 +329,9 @@ def create_or_open(path: Path, settings: StoreSettings | ClipStoreSettings, vide
     if store.layout != settings.layout:
         raise StoreError(f"{path}: a {store.layout} store, this run writes a {settings.layout} store; "
                          "use another path or --overwrite")
-    diff = mismatches(settings.as_dict(), store.settings)
+    # the token rule explicitly on both sides: a missing ``final_norm`` is "all", whichever side lacks it
+    rule = {FINAL_NORM_KEY: settings.final_norm}
+    diff = mismatches(settings.as_dict() | rule, store.settings | {FINAL_NORM_KEY: token_rule(store.settings)})
     if diff:
         raise StoreError(f"{path}: made with other settings ({'; '.join(diff)}); use another path or --overwrite")
     if store.complete:
@@ -314,10 +343,15 @@ def create_or_open(path: Path, settings: StoreSettings | ClipStoreSettings, vide
 
 
 def open_store(path: Path) -> FeatureStore:
-    """Open a finished store for reading; refuses an incomplete one."""
+    """Open a finished store for reading; refuses an incomplete one, and one made with another token
+    rule than its backbone's registered one (its tokens are not what the backbone now gives)."""
     path = Path(path)
     if not path.exists():
         raise StoreError(f"{path}: no such feature store")
     store = FeatureStore(path, mode="r")
     store.check_complete()
+    wrong = rule_mismatch(store)
+    if wrong:
+        raise StoreError(f"{path}: made with other settings ({wrong}, {store.settings['backbone']}'s token rule); "
+                         "extract it again with --overwrite")
     return store

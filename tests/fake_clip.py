@@ -115,3 +115,12 @@ def save_script(model: nn.Module, path: Path) -> Path:
 def write_release(path: Path, seed: int = 3) -> Path:
     """A fake ``ViT-B-16.pt`` with a text tower at ``path``."""
     return save_script(fake_clip(seed), path)
+
+
+def write_mismatched_release(path: Path, seed: int = 3, proj_width: int = EMBED + 16) -> Path:
+    """A doctored release whose image projection ``visual.proj`` maps into ``proj_width`` dimensions
+    while ``text_projection`` maps into ``EMBED``: towers that cannot share a joint space."""
+    model = fake_clip(seed)
+    g = torch.Generator().manual_seed(seed)
+    model.visual.proj = nn.Parameter(0.02 * torch.randn(WIDTH, proj_width, generator=g))
+    return save_script(model, path)

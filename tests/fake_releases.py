@@ -1,4 +1,4 @@
-"""Official release files of the nine backbones, written in each original repository's key layout
+"""Official release files of the ten backbones, written in each original repository's key layout
 and container (tiny width, random values), with the reference each one should reproduce: a timm
 model created directly and randomised, whose weights are written out by this module's own inverse
 mapping (for CLIP: an OpenAI-layout module with its own forward pass, saved as TorchScript).
@@ -131,16 +131,19 @@ def set_pos(ref: nn.Module, pos: torch.Tensor) -> None:
 
 @dataclass
 class Release:
-    """An official-format file and the patch tokens its backbone must produce."""
+    """An official-format file and the patch tokens its backbone must produce (``final_norm``: its rule)."""
 
     path: Path
     reference: Callable[[torch.Tensor], torch.Tensor]
     ref: nn.Module | None = None
     arch: dict = field(default_factory=lambda: dict(TINY))
+    final_norm: bool = True
 
 
-def tokens_of(ref: nn.Module, prefix: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda x: ref.forward_features(x)[:, prefix:]
+def tokens_of(ref: nn.Module, prefix: int, norm: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Patch tokens of timm's ``forward_features`` (in eval mode), without its final norm if not ``norm``."""
+    final = ref.norm if norm else nn.Identity()
+    return lambda x: final(ref.blocks(ref.norm_pre(ref._pos_embed(ref.patch_embed(x)))))[:, prefix:]
 
 
 def write_dino(tmp: Path) -> Release:
@@ -200,7 +203,8 @@ def write_mocov3(tmp: Path) -> Release:
     return Release(path, tokens_of(momentum, 1), momentum)
 
 
-def write_ijepa(tmp: Path) -> Release:
+def write_ijepa(tmp: Path, final_norm: bool = False) -> Release:
+    """Plain tokens (no asymmetric offset) skip the final norm for ijepa_vitb (the authors' rule)."""
     opts = dict(class_token=False, global_pool="avg", fc_norm=False)
     encoder = timm_reference("vit_base_patch16_224", seed=5, **opts)
     target = timm_reference("vit_base_patch16_224", seed=55, **opts)
@@ -215,7 +219,7 @@ def write_ijepa(tmp: Path) -> Release:
                 "target_encoder": prefixed("module.", official_encoder(target, cls_token=False)),
                 "opt": optimizer_state(), "scaler": None, "epoch": 300, "loss": 0.0123,
                 "batch_size": 128, "world_size": 16, "lr": 0.001}, path)
-    return Release(path, tokens_of(encoder, 0), encoder)
+    return Release(path, tokens_of(encoder, 0, final_norm), encoder, final_norm=final_norm)
 
 
 def write_blip(tmp: Path) -> Release:
@@ -374,6 +378,7 @@ def write_clip(tmp: Path, patch: int = 16, grid: int = 14) -> Release:
 WRITERS: dict[str, Callable[[Path], Release]] = {
     "mae_vitb": write_mae,
     "ijepa_vitb": write_ijepa,
+    "ijepa_vitb_norm": lambda tmp: write_ijepa(tmp, final_norm=True),
     "mocov3_vitb": write_mocov3,
     "clip_vitb": write_clip,
     "blip_vitb": write_blip,
@@ -385,9 +390,9 @@ WRITERS: dict[str, Callable[[Path], Release]] = {
 
 # (patch size, native grid side, prefix tokens) of each release
 GEOMETRY = {
-    "mae_vitb": (16, 14, 1), "ijepa_vitb": (16, 14, 0), "mocov3_vitb": (16, 14, 1), "clip_vitb": (16, 14, 1),
-    "blip_vitb": (16, 14, 1), "dino_vitb": (16, 14, 1), "ibot_vitb": (16, 14, 1), "dinov2_vitb": (16, 14, 5),
-    "dinov2_vitb14": (14, 16, 1),
+    "mae_vitb": (16, 14, 1), "ijepa_vitb": (16, 14, 0), "ijepa_vitb_norm": (16, 14, 0), "mocov3_vitb": (16, 14, 1),
+    "clip_vitb": (16, 14, 1), "blip_vitb": (16, 14, 1), "dino_vitb": (16, 14, 1), "ibot_vitb": (16, 14, 1),
+    "dinov2_vitb": (16, 14, 5), "dinov2_vitb14": (14, 16, 1),
 }
 
 

@@ -37,8 +37,8 @@ from cosettle.eval.frame.analysis_report import clip_input
 from cosettle.eval.task import TaskContext, discover
 from cosettle.eval.video.clip_features import ClipFeatureSource, ClipProtocol
 from cosettle.eval.video.datasets import ActionVideo
-from cosettle.eval.video.text import DEFAULT_TEMPLATES, load_clip_text
 from cosettle.pipeline.backbones import Backbone, load_backbone
+from cosettle.pipeline.text_tower import DEFAULT_TEMPLATES, load_clip_text
 from cosettle.pipeline.videos import open_video
 
 # ---------------------------------------------------------------- zero-shot

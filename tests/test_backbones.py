@@ -30,6 +30,7 @@ from fake_releases import (
     randomise,
     release,
     set_pos,
+    tokens_of,
     write_clip,
     write_dinov2_reg,
     write_mae,
@@ -119,8 +120,8 @@ def test_wrong_release_is_refused(file_of, given_to, fragments, tmp_path):
 
 
 # the entry holding the weights in each release that is not a raw state dict
-CONTAINER = {"mae_vitb": "model", "ijepa_vitb": "encoder", "mocov3_vitb": "state_dict", "blip_vitb": "model",
-             "ibot_vitb": "state_dict", "dinov2_vitb": "teacher"}
+CONTAINER = {"mae_vitb": "model", "ijepa_vitb": "encoder", "ijepa_vitb_norm": "encoder", "mocov3_vitb": "state_dict",
+             "blip_vitb": "model", "ibot_vitb": "state_dict", "dinov2_vitb": "teacher"}
 
 
 def edited_release(name: str, tmp: Path, edit: Callable[[dict], object]) -> Path:
@@ -235,8 +236,9 @@ def test_pickled_objects_are_refused_unexecuted(payload, tmp_path):
 
 # ---------------------------------------------------------------- 3. asymmetric positional window
 
-# (backbone, positions before the patch positions in pos_embed)
-ASY_CASES = [("dino_vitb", 1), ("dinov2_vitb", 0), ("ijepa_vitb", 0)]
+# (backbone, positions before the patch positions in pos_embed); A_asy is after the final norm for
+# every token rule, ijepa_vitb's "asy-only" included
+ASY_CASES = [("dino_vitb", 1), ("dinov2_vitb", 0), ("ijepa_vitb", 0), ("ijepa_vitb_norm", 0)]
 
 
 def with_patch_pos(ref: nn.Module, pos_prefix: int, grid: torch.Tensor) -> nn.Module:
@@ -305,7 +307,8 @@ def test_asymmetric_window_needs_training_size():
 @pytest.mark.parametrize("name, pos_prefix", ASY_CASES + [("dinov2_vitb14", 1)])
 @pytest.mark.parametrize("scale", [(2, 2), (1, 2), (0.5, 1)])
 def test_other_sizes_interpolate_positions_bicubically(name, pos_prefix, scale, shared_release):
-    """Plain bicubic resize of the native grid (align_corners=False, no antialias) to h x w."""
+    """Plain bicubic resize of the native grid (align_corners=False, no antialias) to h x w; the final
+    norm as the backbone's token rule says (none for ijepa_vitb)."""
     rel = shared_release(name)
     bb = load_backbone(name, rel.path, arch=rel.arch)
     patch, grid, prefix = GEOMETRY[name]
@@ -313,7 +316,7 @@ def test_other_sizes_interpolate_positions_bicubically(name, pos_prefix, scale, 
     pos = F.interpolate(as_grid(rel.ref.pos_embed[:, pos_prefix:]), size=(h, w), mode="bicubic", align_corners=False)
     x = images((h * patch, w * patch))
     with torch.no_grad():
-        expected = with_patch_pos(rel.ref, pos_prefix, pos).forward_features(x)[:, prefix:]
+        expected = tokens_of(with_patch_pos(rel.ref, pos_prefix, pos), prefix, rel.final_norm)(x)
     got = bb.patch_features(x)
     assert got.shape == (2, h * w, D)
     torch.testing.assert_close(got, expected, **TOL)

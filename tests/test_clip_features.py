@@ -21,9 +21,9 @@ from cosettle.eval.video.clip_features import (
 )
 from cosettle.eval.video.datasets import ActionVideo, load_split
 from cosettle.eval.video.synthetic import write_action_world
-from cosettle.eval.video.text import ClipText
 from cosettle.eval.zarr_cache import CacheError
 from cosettle.pipeline.backbones import load_backbone
+from cosettle.pipeline.text_tower import ClipText
 from cosettle.pipeline.videos import open_video
 
 ARCH = dict(embed_dim=32, depth=1, num_heads=2, img_size=64)
@@ -242,7 +242,8 @@ def test_no_class_token_backbone(videos, tmp_path):
     assert ijepa.tokens(torch.zeros(1, 3, 64, 64))[0] is None
     frames = open_video(videos[0].path).get(HAND_FRAMES)
     with torch.no_grad():
-        patches = ijepa.model.forward_features(clip_input(frames, 64, resize=64))  # no prefix tokens
+        m, x = ijepa.model, clip_input(frames, 64, resize=64)
+        patches = m.blocks(m.norm_pre(m._pos_embed(m.patch_embed(x))))  # no prefix tokens; no final norm (ijepa_vitb's rule)
     want = patches.mean(dim=1).reshape(2, 3, -1).mean(dim=1).numpy()
     np.testing.assert_allclose(source(ijepa, tmp_path / "ijepa", "mean").clip_vectors("ucf101", videos[0]), want,
                                **TOL)

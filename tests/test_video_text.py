@@ -34,7 +34,9 @@ from fake_clip import (
 from open_clip.model import CLIP as OpenClipCLIP
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
-from cosettle.eval.video.text import (
+from cosettle.eval.video.text import zeroshot_scores
+from cosettle.pipeline.backbones import BACKBONES, load_backbone
+from cosettle.pipeline.text_tower import (
     DEFAULT_TEMPLATES,
     ClipText,
     TextTowerError,
@@ -43,9 +45,7 @@ from cosettle.eval.video.text import (
     readable_class_name,
     require_same_release,
     require_text_tower,
-    zeroshot_scores,
 )
-from cosettle.pipeline.backbones import BACKBONES, load_backbone
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 

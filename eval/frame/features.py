@@ -23,7 +23,7 @@ import zarr
 from cosettle.eval.frame.datasets import Video, read_frame
 from cosettle.eval.frame.propagation import PropagationSettings, grid_size
 from cosettle.eval.zarr_cache import CacheError, ZarrCache
-from cosettle.pipeline.backbones import Backbone
+from cosettle.pipeline.backbones import Backbone, final_norm_record
 from cosettle.pipeline.transforms import normalize, to_float
 
 ATTR = "cosettle_eval_features"
@@ -33,7 +33,8 @@ DEFAULT_DIR = Path("eval_cache")
 
 
 def cache_key(backbone: Backbone, settings: PropagationSettings) -> dict:
-    """What decides the cached features: the backbone and its weights, input sizing and normalisation."""
+    """What decides the cached features: the backbone and its weights, its token rule (``final_norm``,
+    only when not "all": caches of "all" backbones keep their key), input sizing and normalisation."""
     sizing = {"size": list(settings.size)} if settings.size else {"short_side": settings.short_side,
                                                                    "multiple": settings.multiple}
     return {
@@ -41,6 +42,7 @@ def cache_key(backbone: Backbone, settings: PropagationSettings) -> dict:
         "weights_sha256": backbone.weights_sha256, "dim": backbone.dim, "depth": len(backbone.model.blocks),
         "patch_size": backbone.patch_size, "input": sizing, "mean": list(settings.mean), "std": list(settings.std),
         "resize": "bilinear, no antialiasing (cv2.INTER_LINEAR)", "dtype": "float16",
+        **final_norm_record(backbone.final_norm),
     }
 
 

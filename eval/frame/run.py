@@ -18,7 +18,8 @@ from cosettle.pipeline.backbones import load_backbone
 @dataclass
 class EvalConfig:
     """One evaluation run. ``projection``: None (the frozen backbone), a cosettle-train run
-    directory, or a module mapping [..., D] -> [..., D] (Python API)."""
+    directory, a Co-Settle release file (``checkpoint-4.pth``, read by ``open_run``), or a module
+    mapping [..., D] -> [..., D] (Python API)."""
 
     root: Path
     out: Path

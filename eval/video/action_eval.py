@@ -25,8 +25,9 @@ from cosettle.eval.trained_run import open_run
 from cosettle.eval.video import metrics
 from cosettle.eval.video.clip_features import ClipFeatureSource, ClipProtocol
 from cosettle.eval.video.datasets import ActionVideo, SplitReport, class_names, load_split
-from cosettle.eval.video.text import ClipText, load_clip_text, require_text_tower, zeroshot_scores
+from cosettle.eval.video.text import zeroshot_scores
 from cosettle.pipeline.backbones import load_backbone
+from cosettle.pipeline.text_tower import ClipText, load_clip_text, require_text_tower
 
 TASKS = ("retrieval", "knn", "linear", "zeroshot")
 SPLITS = ("1", "2", "3", "all")
@@ -113,12 +114,13 @@ def summarise(per_split: dict[int, dict[str, float]]) -> dict:
     return summary
 
 
-def run_protocol(cfg: ActionEvalConfig, run_info: dict | None) -> ClipProtocol:
-    """The clip protocol, with a clip-level run's frames per clip, levels and pooling (its clip store's)."""
+def run_protocol(cfg: ActionEvalConfig, run_info: dict | None, module: torch.nn.Module | None = None) -> ClipProtocol:
+    """The clip protocol, with a clip-level run's frames per clip, levels and pooling (its clip store's).
+    Zero-shot takes a clip-level head only when its vectors live in CLIP's joint space (``concepts``)."""
     store = (run_info or {}).get("clip_store")
     if store is None:
         return cfg.protocol
-    if cfg.task == "zeroshot":
+    if cfg.task == "zeroshot" and not getattr(module, "joint_space", False):
         raise ValueError(f"{cfg.projection}: a clip-level head's vectors are not in CLIP's joint space; "
                          "zero-shot takes the frozen backbone or a token-wise projection")
     return replace(cfg.protocol, frames=store["frames"], levels=tuple(store["levels"]), pooling=store["pooling"])
@@ -143,7 +145,7 @@ def evaluate_action(cfg: ActionEvalConfig) -> dict:
         clip_text = load_clip_text(cfg.weights, device)
     backbone = load_backbone(cfg.backbone, cfg.weights, device=device, arch=cfg.arch)
     module, run_info = open_run(cfg.projection, backbone, device) if cfg.projection is not None else (None, None)
-    protocol = run_protocol(cfg, run_info)
+    protocol = run_protocol(cfg, run_info, module)
     source = ClipFeatureSource(backbone, protocol, protocol_cache(cfg.cache, cfg.protocol, protocol), module, run_info,
                                device, cfg.batch_size, clip_text)
     per_split, reports = {}, []
@@ -167,14 +169,18 @@ def evaluate_action(cfg: ActionEvalConfig) -> dict:
     return summary
 
 
+def _cell(key: str, value: float) -> str:
+    """A table cell: fractions in %, the probe's regularisation C as is."""
+    return f"{value:10.4g}" if key == "C" else f"{100 * value:10.2f}"
+
+
 def format_table(summary: dict) -> str:
     """One line per split and one for the mean, one column per metric (in %, C as is)."""
     splits = summary["splits"]
     keys = list(next(iter(splits.values())))
-    show = lambda k, v: f"{v:10.4g}" if k == "C" else f"{100 * v:10.2f}"  # noqa: E731
     lines = ["split " + "".join(k.rjust(10) for k in keys)]
-    lines += [f"{s:<6}" + "".join(show(k, r[k]) for k in keys) for s, r in splits.items()]
+    lines += [f"{s:<6}" + "".join(_cell(k, r[k]) for k in keys) for s, r in splits.items()]
     if len(splits) > 1:
-        lines.append("mean  " + "".join(show(k, summary[k]) for k in keys))
-        lines.append("std   " + "".join(show(k, summary[f"{k}_std"]) for k in keys))
+        lines.append("mean  " + "".join(_cell(k, summary[k]) for k in keys))
+        lines.append("std   " + "".join(_cell(k, summary[f"{k}_std"]) for k in keys))
     return "\n".join(lines)

@@ -36,12 +36,12 @@ from cosettle.core.errors import first_line
 from cosettle.core.provenance import digest
 from cosettle.eval.frame.analysis_report import clip_input
 from cosettle.eval.video.datasets import ActionVideo
-from cosettle.eval.video.text import ClipText, image_embedding, require_same_release
 from cosettle.eval.zarr_cache import CacheError, ZarrCache
-from cosettle.pipeline.backbones import Backbone
+from cosettle.pipeline.backbones import Backbone, final_norm_record
 from cosettle.pipeline.pooling import NEEDS_CLASS_TOKEN as TOKEN_NEEDS_CLS
 from cosettle.pipeline.pooling import POOLINGS as TOKEN_POOLINGS
 from cosettle.pipeline.pooling import pool_tokens, pooled_dim
+from cosettle.pipeline.text_tower import ClipText, image_embedding, require_same_release
 from cosettle.pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
 from cosettle.pipeline.videos import VideoError, open_video
 
@@ -142,7 +142,8 @@ def precision(device: torch.device) -> str:
 
 def cache_key(backbone: Backbone, protocol: ClipProtocol, clip_text: ClipText | None, device: torch.device) -> dict:
     """Everything that decides the cached clip vectors but the trained run (which names an entry's
-    variant, so the frozen backbone and its trained runs share one cache)."""
+    variant, so the frozen backbone and its trained runs share one cache). The backbone's token rule
+    (``final_norm``) is in it only when not "all", so caches of "all" backbones keep their key."""
     return {
         "format": FORMAT, "backbone": backbone.name, "weights": backbone.weights,
         "weights_sha256": backbone.weights_sha256, "dim": backbone.dim, "depth": len(backbone.model.blocks),
@@ -152,6 +153,7 @@ def cache_key(backbone: Backbone, protocol: ClipProtocol, clip_text: ClipText | 
         "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
                           "resize": "bilinear, antialias (torchvision Resize) + centre crop"},
         "precision": precision(device), "dtype": "float32",
+        **final_norm_record(backbone.final_norm),
     }
 
 

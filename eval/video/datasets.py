@@ -15,6 +15,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cosettle.pipeline.concepts import KINETICS400_FILE, ConceptError
+from cosettle.pipeline.concepts import kinetics400_classes as read_kinetics400_classes
 from cosettle.pipeline.videos import IMAGE_EXTS, VIDEO_EXTS
 
 ACTION_DATASETS = ("ucf101", "hmdb51")
@@ -285,12 +287,10 @@ def _report_missing(report: SplitReport, missing: list[str], strict: bool) -> No
 
 
 def kinetics400_classes(manifests: Path | None = None) -> list[str]:
-    """The 400 Kinetics-400 class names of ``kinetics400_classes.txt``, line i = label i."""
-    path = Path(manifests or manifests_dir()) / "kinetics400_classes.txt"
+    """The 400 Kinetics-400 class names of ``kinetics400_classes.txt``, line i = label i
+    (read by ``cosettle.pipeline.concepts.kinetics400_classes``, which the concepts vocabulary uses)."""
+    path = Path(manifests or manifests_dir()) / KINETICS400_FILE.name
     try:
-        names = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
-    except OSError as e:
-        raise ActionDataError(f"{path}: cannot read class names ({e.strerror or e})") from None
-    if len(names) != 400 or len(set(names)) != 400:
-        raise ActionDataError(f"{path}: expected 400 distinct class names, got {len(set(names))}")
-    return names
+        return read_kinetics400_classes(path)
+    except ConceptError as e:
+        raise ActionDataError(str(e)) from None
