@@ -196,3 +196,23 @@ def test_resume_names_a_damaged_config(tmp_path):
     (run / "config.json").write_text("{ truncated")
     with pytest.raises(RunError, match=re.escape(str(run / "config.json")) + ": unreadable"):
         train(config([store], run, resume=True))
+
+
+def test_equal_weights_give_equal_files(tmp_path):
+    """safetensors orders several metadata keys differently from call to call; one sorted-JSON key
+    keeps the file, and so the run's weights digest, a function of the weights and metadata."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    from cosettle.trainer.run_dir import METADATA_KEY, save_weights
+
+    state = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.zeros(3)}
+    meta = {"dim": "3", "objective": "cosettle", "fusion": "linear", "step": "7", "temp": "0.03"}
+    digests = set()
+    for i in range(5):
+        save_weights(tmp_path / f"w{i}.safetensors", state, meta)
+        digests.add(hashlib.sha256((tmp_path / f"w{i}.safetensors").read_bytes()).hexdigest())
+    assert len(digests) == 1
+    with safe_open(str(tmp_path / "w0.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()[METADATA_KEY]) == meta

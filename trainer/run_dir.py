@@ -35,10 +35,17 @@ class RunError(Exception):
     """A run directory that cannot be used as asked; the message names it and the problem."""
 
 
+METADATA_KEY = "cosettle"
+
+
 def save_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write a safetensors state dict aside and rename it into place."""
+    """Write a safetensors state dict aside and rename it into place.
+
+    The metadata goes in as ONE key holding sorted JSON: safetensors writes several keys in an
+    order that changes from call to call, and equal weights must give equal files (and digests)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    header = {METADATA_KEY: json.dumps(metadata, sort_keys=True)}
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
 
 
 def read_json(path: Path) -> dict:
