@@ -16,7 +16,7 @@ class Registry(Generic[T]):
     def __init__(self, kind: str, package: str, group: str):
         self.kind, self.package, self.group = kind, package, group
         self.entries: dict[str, T] = {}
-        self._discovered = False
+        self._state = "new"  # new -> discovering (a plugin may call discover while it is imported) -> done
 
     def register(self, name: str, entry: T) -> T:
         """Add ``entry``; a name registered twice is an error."""
@@ -27,13 +27,18 @@ class Registry(Generic[T]):
 
     def discover(self) -> dict[str, T]:
         """Every entry, after importing each plugin module (the package's, then the entry points')."""
-        if not self._discovered:
-            self._discovered = True
-            package = importlib.import_module(self.package)
-            for module in pkgutil.iter_modules(package.__path__):
-                importlib.import_module(f"{self.package}.{module.name}")
-            for entry in entry_points(group=self.group):
-                entry.load()
+        if self._state == "new":
+            self._state = "discovering"
+            try:
+                package = importlib.import_module(self.package)
+                for module in pkgutil.iter_modules(package.__path__):
+                    importlib.import_module(f"{self.package}.{module.name}")
+                for entry in entry_points(group=self.group):
+                    entry.load()
+            except BaseException:
+                self._state = "new"  # a plugin that failed to import is retried (and fails loudly) next time
+                raise
+            self._state = "done"
         return self.entries
 
     def get(self, name: str) -> T:
