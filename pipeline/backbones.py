@@ -310,19 +310,31 @@ class Backbone(torch.nn.Module):
         return m.norm_pre(x)
 
 
-def create_model(name: str, arch: dict | None = None) -> torch.nn.Module:
+def create_model(name: str, arch: dict | None = None, meta: bool = False) -> torch.nn.Module:
     """The timm model of a registered backbone, randomly initialised (seed 0) and not loaded.
 
-    ``arch`` overrides architecture options (e.g. a tiny depth/width for tests).
+    ``arch`` overrides architecture options (e.g. a tiny depth/width for tests). ``meta``: build it
+    on the meta device instead, without storage and without any initialisation (timm's
+    ``weight_init="skip"``), for weights that are loaded right after (``load_strict`` adopts them).
     """
     import timm
 
     spec = get_spec(name)
     kwargs = dict(spec.model_kwargs, num_classes=0, img_size=spec.image_size, dynamic_img_size=True)
     kwargs.update(arch or {})
+    if meta:
+        with torch.device("meta"):
+            return timm.create_model(spec.timm_name, pretrained=False, **dict(kwargs, weight_init="skip"))
     with _INIT_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return timm.create_model(spec.timm_name, pretrained=False, **kwargs)
+
+
+def _outside_state_dict(model: torch.nn.Module) -> set[str]:
+    """Parameters and buffers that no state dict can set (non-persistent buffers): a model built on
+    the meta device would keep them without values."""
+    names = {k for k, _ in model.named_parameters()} | {k for k, _ in model.named_buffers()}
+    return names - set(model.state_dict())
 
 
 def get_spec(name: str) -> BackboneSpec:
@@ -335,17 +347,22 @@ def get_spec(name: str) -> BackboneSpec:
 def load_backbone(name: str, weights: str | Path, device: str | torch.device = "cpu", arch: dict | None = None) -> Backbone:
     """A frozen backbone with its official weights loaded strictly.
 
-    ``weights`` is the release file, or ``"random"`` for the seed-0 random initialisation (the
-    only way to get random weights; it is recorded as such).
+    ``weights`` is the release file (the model is then built on the meta device and takes the file's
+    tensors, so nothing is initialised only to be overwritten), or ``"random"`` for the seed-0 random
+    initialisation (the only way to get random weights; it is recorded as such).
     """
     spec = get_spec(name)
-    model = create_model(name, arch)
     if str(weights) == RANDOM:
+        model = create_model(name, arch)
         label, digest = RANDOM, RANDOM
     else:
         path = Path(weights)
         if not path.is_file():
             raise CheckpointError(f"{path}: no such weights file (pass --weights random for random weights)")
+        # Built on the meta device: no random initialisation of weights the file replaces right after.
+        model = create_model(name, arch, meta=True)
+        if _outside_state_dict(model):  # a tensor the file cannot set: build it for real, as before
+            model = create_model(name, arch)
         load_strict(model, read_state_dict(path, spec.checkpoint, model), path, name)
         label, digest = path.name, sha256_file(path)
     return Backbone(spec, model, label, digest).to(device)

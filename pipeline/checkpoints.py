@@ -119,7 +119,10 @@ def to_model_names(sd: dict[str, torch.Tensor], fmt: CheckpointFormat, model: to
 
 
 def load_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], path: Path, backbone: str) -> None:
-    """load_state_dict(strict=True), with every missing, unexpected or mis-shaped key named."""
+    """load_state_dict(strict=True), with every missing, unexpected or mis-shaped key named.
+
+    A model on the meta device is materialised with the file's tensors (``assign=True``) after the
+    check, so its parameters are never allocated and initialised only to be overwritten."""
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -138,4 +141,10 @@ def load_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], path: Path,
         if shapes:
             parts.append(f"wrong shapes: {show(shapes)}")
         raise CheckpointError(f"{path}: does not fit backbone '{backbone}': " + "; ".join(parts))
-    model.load_state_dict(sd, strict=True)
+    if any(t.is_meta for t in own.values()):
+        # A model built on the meta device (no storage): it takes the file's tensors, in its own
+        # dtype and contiguous, which is what copying them into allocated parameters gives.
+        sd = {k: v.to(own[k].dtype).contiguous() for k, v in sd.items()}
+        model.load_state_dict(sd, strict=True, assign=True)
+    else:
+        model.load_state_dict(sd, strict=True)

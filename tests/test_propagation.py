@@ -274,3 +274,38 @@ def test_segment_video_sizes(moving_davis):
     out = list(segment_video(ideal_features(m, 2)[:3], m[0], BASE, PATCH, [(50, 80), (96, 160)]))
     assert [o.shape for o in out] == [(50, 80), (96, 160)] and all(o.dtype == np.uint8 for o in out)
     assert max(o.max() for o in out) <= m[0].max()
+
+
+@pytest.mark.parametrize("tied", [2, 4, 10])
+def test_ties_at_the_kth_weight_are_all_kept(tied):
+    # frame 0 on a 1 x (tied + 2) grid: cell 0 at angle 0, cells 1..tied all at angle 0.3 (the same
+    # cosine with the target, exactly), the last cell at angle 1.0; every target cell points at 0.
+    # topk = 2: the k-th weight is the tied one, so cell 0 and all tied cells are kept
+    n = tied + 2
+    angles = np.array([0.0] + [0.3] * tied + [1.0])
+    f0 = np.stack([np.cos(angles), np.sin(angles)], axis=-1)[None]  # [1, n, 2]
+    f1 = np.tile([1.0, 0.0], (1, n, 1))
+    first = np.eye(n).reshape(n, 1, n)
+    s = replace(BASE, size_mask_neighborhood=0, topk=2, temperature=0.1)
+    (y,) = run(np.stack([f0, f1]), first, s)
+    w0, w1 = math.exp(1 / 0.1), math.exp(math.cos(0.3) / 0.1)
+    expected = np.array([w0] + [w1] * tied + [0.0]) / (w0 + tied * w1)
+    for cell in range(n):
+        np.testing.assert_allclose(y[:, 0, cell], expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(y, reference(np.stack([f0, f1]), first, s)[0], rtol=1e-5, atol=1e-7)
+    # the same tie run through frame 0 and FIFO frames together, with a window
+    feats = np.stack([f0, f1, f0])
+    expected_all = reference(feats, first, replace(s, size_mask_neighborhood=3, n_last_frames=2))
+    got = run(feats, first, replace(s, size_mask_neighborhood=3, n_last_frames=2))
+    for e, g in zip(expected_all, got):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-7)
+
+
+def test_tie_at_kth_with_fewer_sources_than_k():
+    # a 1 x 3 grid with a radius-1 window: corner targets see 2 sources per frame, topk = 5 exceeds
+    # them; masked sources weigh 0 and the rule still averages the sources in the window
+    features = np.ones((3, 1, 3, 2))
+    first = np.eye(3).reshape(3, 1, 3)
+    s = replace(BASE, size_mask_neighborhood=1, topk=5, n_last_frames=1)
+    for e, g in zip(reference(features, first, s), run(features, first, s)):
+        np.testing.assert_allclose(g, e, atol=1e-6)

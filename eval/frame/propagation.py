@@ -179,21 +179,51 @@ class _Context:
 
 
 def _blocks(h: int, w: int, s: PropagationSettings, block_bytes: int, device) -> list[tuple[slice, torch.Tensor | None]]:
-    """Blocks of target cells, each with its window mask [rows, hw] (None without a window).
+    """Blocks of target cells, each with its outside-the-window mask [rows, hw] (None without a window).
 
-    Three [rows, (1 + n) * hw] float32 temporaries live at once; rows are sized to fit
-    ``block_bytes``. The masks are built once per video, not once per frame.
+    One [rows, (1 + n) * hw] float32 affinity plus top-k's scratch live at once; rows are sized to
+    fit ``block_bytes``. The masks are built once per video, not once per frame.
     """
     hw = h * w
-    rows = max(1, block_bytes // (3 * 4 * (1 + s.n_last_frames) * hw))
+    rows = max(1, block_bytes // (2 * 4 * (1 + s.n_last_frames) * hw))
     blocks = []
     for lo in range(0, hw, rows):
         hi = min(hw, lo + rows)
-        mask = None
+        outside = None
         if s.size_mask_neighborhood > 0:
-            mask = window_mask(torch.arange(lo, hi, device=device), h, w, s.size_mask_neighborhood, s.window)
-        blocks.append((slice(lo, hi), mask))
+            outside = ~window_mask(torch.arange(lo, hi, device=device), h, w, s.size_mask_neighborhood, s.window)
+        blocks.append((slice(lo, hi), outside))
     return blocks
+
+
+# extra candidates taken beyond the k-th, so that ties at the k-th weight are seen without a second pass
+_TIE_MARGIN = 3
+
+
+def _topk_weights(dots: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept sources of each row of masked dot products [rows, n]: (weights, indices), both [rows, k'].
+
+    The rule (EVAL_PROTOCOLS.md): weights exp(cos / T) relative to the row max, keep every weight
+    >= the k-th largest (ties at the k-th are kept), renormalise. exp and the division by T are
+    monotone, so the kept set is a prefix of the sources sorted by dot product: top-k is taken on
+    the dot products themselves and exp is evaluated on the k' = k + margin candidates only;
+    weights not kept are 0. Rows whose tie run reaches past the k' candidates are redone with a
+    larger k'. Whole-row passes: the top-k only.
+    """
+    n = dots.shape[1]
+    kk = min(k + _TIE_MARGIN, n)
+    while True:
+        vals, idx = dots.topk(kk, dim=1, sorted=False)  # sorting the k' candidates after is cheaper
+        vals, order = vals.sort(dim=1, descending=True)
+        idx = idx.gather(1, order)
+        logits = vals.div_(temperature)
+        aff = logits.sub_(logits[:, :1].clone()).exp_()
+        kth = aff[:, k - 1 : k]
+        aff.masked_fill_(aff < kth, 0.0)
+        # the last candidate kept with a positive weight: the ties may go on beyond it
+        if kk == n or not bool((aff[:, -1] > 0).any()):
+            return aff.div_(aff.sum(dim=1, keepdim=True)), idx
+        kk = min(2 * kk, n)
 
 
 def _propagate_frame(query: torch.Tensor, ctx: _Context, blocks: list, s: PropagationSettings) -> torch.Tensor:
@@ -203,17 +233,13 @@ def _propagate_frame(query: torch.Tensor, ctx: _Context, blocks: list, s: Propag
     values = ctx.labels[:m].reshape(m * hw, -1)
     out = query.new_empty(hw, values.shape[1])
     first_windowed = 0 if s.window_first else 1
-    for rows, inside in blocks:
-        logits = (query[rows] @ keys.T).div_(s.temperature).view(-1, m, hw)
-        if inside is not None and first_windowed < m:
-            logits[:, first_windowed:].masked_fill_(~inside[:, None], float("-inf"))
-        logits = logits.view(-1, m * hw)
-        # subtracting the row max leaves the renormalised weights unchanged and keeps exp finite
-        aff = logits.sub_(logits.amax(dim=1, keepdim=True)).exp_()
-        kth = aff.topk(min(s.topk, m * hw), dim=1).values[:, -1:]
-        aff.masked_fill_(aff < kth, 0.0)
-        aff.div_(aff.sum(dim=1, keepdim=True))
-        out[rows] = aff @ values
+    k = min(s.topk, m * hw)
+    for rows, outside in blocks:
+        dots = query[rows] @ keys.T
+        if outside is not None and first_windowed < m:
+            dots.view(-1, m, hw)[:, first_windowed:].masked_fill_(outside[:, None], float("-inf"))
+        weights, idx = _topk_weights(dots, k, s.temperature)
+        out[rows] = torch.einsum("rk,rkc->rc", weights, values[idx])
     return out
 
 
@@ -255,8 +281,7 @@ def _minmax(maps: torch.Tensor) -> torch.Tensor:
     A constant positive channel becomes 0/0 = NaN in DINO, and torch's argmax picks the first NaN
     channel everywhere; +inf reproduces exactly that choice without NaNs.
     """
-    flat = maps.flatten(1)
-    lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
+    lo, hi = torch.aminmax(maps.flatten(1), dim=1)
     span = (hi - lo)[:, None, None]
     scaled = torch.where(span > 0, (maps - lo[:, None, None]) / span.clamp_min(1e-30), torch.inf)
     return torch.where((hi > 0)[:, None, None], scaled, maps)
@@ -267,14 +292,15 @@ def label_image(soft: torch.Tensor, patch: int, out_hw: tuple[int, int], setting
 
     ``patch``: bilinear upsampling by the patch size (align_corners False), optional min-max,
     argmax, then NEAREST resize to ``out_hw`` (DINO). ``original``: bilinear straight to ``out_hw``,
-    optional min-max, argmax (CRW).
+    optional min-max, argmax (CRW). The argmax over channels runs on a channels-last copy, along
+    contiguous memory (same ids as over [C, H, W]: the first maximum wins either way).
     """
     _, h, w = soft.shape
     size = (h * patch, w * patch) if settings.upsample == "patch" else tuple(out_hw)
     maps = F.interpolate(soft[None].float(), size=size, mode="bilinear", align_corners=False)[0]
     if settings.minmax:
         maps = _minmax(maps)
-    ids = maps.argmax(dim=0).to(torch.uint8).cpu().numpy()
+    ids = maps.permute(1, 2, 0).contiguous().argmax(dim=-1).to(torch.uint8).cpu().numpy()
     if ids.shape != tuple(out_hw):
         ids = np.asarray(Image.fromarray(ids).resize((out_hw[1], out_hw[0]), Image.NEAREST))
     return ids
