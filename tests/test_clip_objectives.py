@@ -25,12 +25,7 @@ D, T, BLOCKS = 16, 6, [4, 8, 12]
 L = len(BLOCKS)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.torch_threads(1)
 
 
 def settings(plan):

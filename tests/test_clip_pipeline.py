@@ -49,12 +49,7 @@ HAND_INDICES = [[0, 4, 8, 12], [3, 7, 11, 15]]
 STORE_PROTOCOL = {"frames": CLIP_FRAMES, "levels": list(LEVELS), "pooling": POOLING}
 
 
-@pytest.fixture(autouse=True)
-def two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.torch_threads(2)
 
 
 def make_world(folder: Path) -> dict:

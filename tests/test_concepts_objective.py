@@ -32,12 +32,7 @@ SYNTH = {"dim": D, "frames": T, "levels": [1], "depth": 1, "plan": "vthcl", "bac
 
 # -- concepts files in the format of cosettle.pipeline.concepts, written directly ----------------
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.torch_threads(1)
 
 
 def write_concepts(path, attributes=True, backbone="synthetic", weights="random", dim=D, k=K, seed=0):

@@ -76,12 +76,7 @@ TRAIN = {"epochs": 4, "batch_size": 4, "blr": 1.0, "width": 32, "depth": 1}
 ATOL = 1e-5  # cached vectors vs the hand computation (float32 throughout on CPU; seen: < 1e-7)
 
 
-@pytest.fixture(autouse=True)
-def two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.torch_threads(2)
 
 
 def refused(*args, **kwargs):

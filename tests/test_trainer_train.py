@@ -19,14 +19,7 @@ from cosettle.trainer.synthetic import write_synthetic_store
 from cosettle.trainer.train import TrainingError, train
 from cosettle.trainer.trained import load_trained
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds synchronisation cost on a 2-core runner."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.torch_threads(1)
 
 
 def small_store(path, **kw):
@@ -216,3 +209,7 @@ def test_equal_weights_give_equal_files(tmp_path):
     assert len(digests) == 1
     with safe_open(str(tmp_path / "w0.safetensors"), "pt") as f:
         assert json.loads(f.metadata()[METADATA_KEY]) == meta
+
+
+def test_the_module_marker_sets_the_thread_count():
+    assert torch.get_num_threads() == 1
