@@ -8,6 +8,7 @@ import click
 from .backbones import BACKBONES
 from .checkpoints import CheckpointError
 from .clips import FAST_STRIDE, PLANS, SLOW_STRIDE
+from .dry_run import dry_run_report
 from .extract import AMP_DTYPES, ExtractConfig, extract
 from .extract_config import LAYOUTS
 from .pooling import POOLINGS
@@ -85,8 +86,10 @@ def check_layout_options(ctx: click.Context, kw: dict) -> None:
               help="Per-frame pooling (--layout clips); cls needs a class token.")
 @click.option("--slow-stride", default=SLOW_STRIDE, type=click.IntRange(min=1), help="vthcl: frame stride of clip 1.")
 @click.option("--fast-stride", default=FAST_STRIDE, type=click.IntRange(min=1), help="vthcl: frame stride of clip 2.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the store's size, chunk count and an estimated time (one timed video); write nothing.")
 @click.pass_context
-def main(ctx: click.Context, **kw) -> None:
+def main(ctx: click.Context, dry_run: bool, **kw) -> None:
     """Extract A, B and A_asy patch tokens of --views sampled views per video into a Zarr v3 store,
     or, with --layout clips, --views sampled clip pairs per video as pooled per-frame vectors.
 
@@ -94,6 +97,12 @@ def main(ctx: click.Context, **kw) -> None:
     """
     check_layout_options(ctx, kw)
     try:
+        if dry_run:
+            lines, warning = dry_run_report(ExtractConfig(**kw))
+            click.echo("\n".join(lines))
+            if warning:
+                click.echo(warning, err=True)
+            return
         extract(ExtractConfig(**kw))
     except (CheckpointError, StoreError, VideoError, KeyError, ValueError) as e:
         raise click.ClickException(str(e).strip("'\"")) from None

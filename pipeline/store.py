@@ -287,10 +287,11 @@ class FeatureStore:
             )
 
 
-def _initialise(path: Path, settings: StoreSettings | ClipStoreSettings, videos: list[str]) -> None:
-    """Create a fresh store at ``path`` (which must not exist)."""
+def _initialise(path: Path | zarr.abc.store.Store, settings: StoreSettings | ClipStoreSettings,
+                videos: list[str]) -> None:
+    """Create a fresh store at ``path`` (which must not exist), or in a Zarr store object."""
     s = settings
-    g = zarr.open_group(str(path), mode="w-", zarr_format=3)
+    g = zarr.open_group(path, mode="w-", zarr_format=3)
     for name, spec in s.arrays().items():
         g.create_array(name, shape=spec.shape, chunks=spec.chunks, dtype=spec.dtype, fill_value=spec.fill_value,
                        compressors=_codecs(s.compressor), dimension_names=spec.dimension_names)
@@ -299,6 +300,15 @@ def _initialise(path: Path, settings: StoreSettings | ClipStoreSettings, videos:
     g.create_array("videos", shape=(s.num_videos,), chunks=(s.num_videos,), dtype=str)[:] = np.array(videos)
     g.attrs[ATTR] = {"format": FORMAT, "settings": s.as_dict(), "environment": environment(),
                      "created": now_utc(), "complete": False}
+
+
+def declared_arrays(settings: StoreSettings | ClipStoreSettings, videos: list[str]) -> tuple[dict[str, zarr.Array], int]:
+    """Every array a fresh store of ``settings`` declares, and the bytes written at creation (metadata,
+    attributes, the video list), from a copy made in memory: nothing touches the disk."""
+    contents: dict = {}
+    _initialise(zarr.storage.MemoryStore(contents), settings, videos)
+    group = zarr.open_group(zarr.storage.MemoryStore(contents), mode="r", zarr_format=3)
+    return dict(group.arrays()), sum(len(buffer) for buffer in contents.values())
 
 
 def create_or_open(path: Path, settings: StoreSettings | ClipStoreSettings, videos: list[str], *, resume: bool,
