@@ -40,6 +40,7 @@ from .published import RELEASE_SETTING
 from .sweep import Outcome, run_plan, sweep_command
 from .sweep_file import BackboneEntry, Evaluation, read_backbones, read_datasets, read_evaluations, sweep_table
 from .sweep_plan import EvalJob, Plan, backbone_key, eval_job, output_of
+from .sweep_slurm import SlurmSettings, read_slurm
 from .sweep_toml import open_toml
 
 
@@ -53,6 +54,7 @@ class ReleaseSweep:
     workers: int
     backbones: tuple[BackboneEntry, ...]
     evaluations: tuple[Evaluation, ...]
+    slurm: SlurmSettings | None = None  # the [slurm] table, for --slurm
 
     @property
     def results(self) -> Path:
@@ -63,12 +65,12 @@ def parse_release_sweep(path: Path) -> ReleaseSweep:
     """Read and validate a release-sweep file (errors name the line and field)."""
     path = Path(path).resolve()
     r = open_toml(path)
-    r.table((), {"sweep", "datasets", "backbones", "evaluations"})
+    r.table((), {"sweep", "datasets", "backbones", "evaluations", "slurm"})
     out, device, workers = sweep_table(r)
     datasets = read_datasets(r)
     entries = read_backbones(r, releases=True)
     evaluations = read_evaluations(r, datasets, discover())
-    return ReleaseSweep(path, out, device, workers, entries, evaluations)
+    return ReleaseSweep(path, out, device, workers, entries, evaluations, read_slurm(r))
 
 
 def _release_job(sweep: ReleaseSweep, entry: BackboneEntry, bkey: dict, ev: Evaluation, row: dict,

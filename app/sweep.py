@@ -1,6 +1,6 @@
 """``cosettle-sweep SWEEP.toml``: the plan of a sweep (:mod:`cosettle.app.sweep_plan`) run as one
-graph of Dask futures, on a local cluster or an existing one; a failed task stops only what
-depends on it, and rerunning the same file does only what is left."""
+graph of Dask futures, on a local cluster, an existing one, or SLURM jobs (:mod:`cosettle.app.sweep_slurm`);
+a failed task stops only what depends on it, and rerunning the same file does only what is left."""
 from __future__ import annotations
 
 import logging
@@ -21,6 +21,7 @@ from cosettle.pipeline.videos import VideoError
 
 from .sweep_file import Sweep, parse_sweep
 from .sweep_plan import Plan, output_of, plan_sweep
+from .sweep_slurm import SlurmSettings, slurm_cluster
 from .sweep_tasks import RUN, SweepError
 from .sweep_toml import SweepFileError
 
@@ -41,9 +42,10 @@ def _gpu_resources(client) -> dict | None:
     return {"GPU": 1} if any(w.get("resources", {}).get("GPU") for w in workers) else None
 
 
-def execute(plan: Plan, client, echo: Callable[[str], None] = print) -> Outcome:
-    """Submit the jobs not done yet, dependencies as futures, and wait for all of them."""
-    resources = _gpu_resources(client)
+def execute(plan: Plan, client, echo: Callable[[str], None] = print, gpu: bool | None = None) -> Outcome:
+    """Submit the jobs not done yet, dependencies as futures, and wait for all of them; ``gpu``:
+    whether every task asks for one GPU (None: when the cluster's workers advertise GPUs)."""
+    resources = _gpu_resources(client) if gpu is None else {"GPU": 1} if gpu else None
     token = uuid.uuid4().hex[:8]
     futures, owner = {}, {}
     for job in plan.todo:
@@ -91,9 +93,10 @@ def local_cluster(workers: int, processes: bool = True):
 
 
 def run_plan(plan: Plan, scheduler: str | None = None, workers: int | None = None, processes: bool = True,
-             echo: Callable[[str], None] = print, scheduler_file: Path | None = None) -> Outcome:
+             echo: Callable[[str], None] = print, scheduler_file: Path | None = None, slurm: bool = False) -> Outcome:
     """Run the jobs of ``plan`` not done yet on a Dask cluster (``scheduler`` address or
-    ``scheduler_file``, else a new local one with ``workers`` or the sweep's workers).
+    ``scheduler_file``, with ``slurm`` SLURM jobs as the sweep's [slurm] table or the dask config
+    say, else a new local one with ``workers`` or the sweep's workers).
 
     Raises SweepError naming the failed tasks once every runnable task has finished.
     """
@@ -104,6 +107,11 @@ def run_plan(plan: Plan, scheduler: str | None = None, workers: int | None = Non
         if scheduler or scheduler_file:
             with Client(scheduler, scheduler_file=str(scheduler_file) if scheduler_file else None) as client:
                 outcome = execute(plan, client, echo)
+        elif slurm:
+            # tasks are submitted before any job has started: whether they ask for a GPU follows the settings
+            settings = sweep.slurm or SlurmSettings()
+            with slurm_cluster(settings, sweep.file, echo) as cluster, Client(cluster) as client:
+                outcome = execute(plan, client, echo, gpu=bool(settings.gpus))
         else:
             with local_cluster(workers or sweep.workers, processes) as cluster, Client(cluster) as client:
                 outcome = execute(plan, client, echo)
@@ -130,9 +138,11 @@ def sweep_command(parse: Callable[[Path], object], plan: Callable[[object], Plan
                   help="The scheduler file of a running Dask scheduler (dask scheduler --scheduler-file).")
     @click.option("--workers", default=None, type=click.IntRange(min=1),
                   help="Local CPU workers (default: [sweep] workers); with GPUs, one worker per GPU.")
+    @click.option("--slurm", is_flag=True, help="Run the workers as SLURM jobs, as the file's [slurm] table "
+                  "(else dask's jobqueue.slurm config) says.")
     @click.option("--dry-run", is_flag=True, help="Print every task, whether it is done, and its output; run nothing.")
     def command(sweep_file: Path, scheduler: str | None, scheduler_file: Path | None, workers: int | None,
-                dry_run: bool) -> None:
+                slurm: bool, dry_run: bool) -> None:
         try:
             jobs = plan(parse(sweep_file))
             if dry_run:
@@ -141,7 +151,9 @@ def sweep_command(parse: Callable[[Path], object], plan: Callable[[object], Plan
                 return
             if scheduler and scheduler_file:
                 raise click.UsageError("give --scheduler or --scheduler-file, not both")
-            run_plan(jobs, scheduler=scheduler, workers=workers, scheduler_file=scheduler_file)
+            if slurm and (scheduler or scheduler_file or workers):
+                raise click.UsageError("--slurm starts its own workers: give no --scheduler, --scheduler-file or --workers")
+            run_plan(jobs, scheduler=scheduler, workers=workers, scheduler_file=scheduler_file, slurm=slurm)
         except (SweepFileError, SweepError, VideoError, ListFileError) as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(1)

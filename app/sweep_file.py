@@ -27,6 +27,9 @@ lambda_reg = [1.0, 3.0]
 
 [evaluations.davis]          # `kind` defaults to the table name, `dataset` to the kind;
 preset = "dino"              # every other key is an option of that evaluation
+
+[slurm]                      # optional: the SLURM jobs of `cosettle-sweep --slurm` (sweep_slurm)
+partition = "gpu"
 ```
 """
 from __future__ import annotations
@@ -44,6 +47,7 @@ from cosettle.pipeline.backbones import BACKBONES, RANDOM
 from cosettle.pipeline.extract import ExtractConfig
 from cosettle.trainer.config import TrainConfig, option_types
 
+from .sweep_slurm import SlurmSettings, read_slurm
 from .sweep_toml import Key, Reader, open_toml
 
 # Options the sweep sets itself (paths, resuming) and so never takes from the file.
@@ -114,6 +118,7 @@ class Sweep:
     backbones: tuple[BackboneEntry, ...]
     settings: tuple[Setting, ...]
     evaluations: tuple[Evaluation, ...]
+    slurm: SlurmSettings | None = None  # the [slurm] table, for --slurm
 
     @property
     def results(self) -> Path:
@@ -124,7 +129,7 @@ def parse_sweep(path: Path, evaluations: Mapping[str, EvalTask] | None = None) -
     """Read and validate a sweep file; ``evaluations``: the tasks it may name (default: every registered one)."""
     path = Path(path).resolve()
     r = open_toml(path)
-    r.table((), {"sweep", "datasets", "extract", "backbones", "train", "evaluations"})
+    r.table((), {"sweep", "datasets", "extract", "backbones", "train", "evaluations", "slurm"})
 
     out, device, workers = sweep_table(r)
     datasets = read_datasets(r)
@@ -134,7 +139,7 @@ def parse_sweep(path: Path, evaluations: Mapping[str, EvalTask] | None = None) -
     backbones = read_backbones(r)
     settings = _settings(r)
     evals = read_evaluations(r, datasets, discover() if evaluations is None else evaluations)
-    return Sweep(path, out, device, workers, datasets["train"], extract, backbones, settings, evals)
+    return Sweep(path, out, device, workers, datasets["train"], extract, backbones, settings, evals, read_slurm(r))
 
 
 def sweep_table(r: Reader) -> tuple[Path, str, int]:
