@@ -21,7 +21,7 @@ from cosettle.pipeline.videos import VideoError
 
 from .sweep_file import Sweep, parse_sweep
 from .sweep_plan import Plan, output_of, plan_sweep
-from .sweep_slurm import SlurmSettings, slurm_cluster
+from .sweep_slurm import SlurmSettings, job_script, slurm_cluster
 from .sweep_tasks import RUN, SweepError
 from .sweep_toml import SweepFileError
 
@@ -140,7 +140,8 @@ def sweep_command(parse: Callable[[Path], object], plan: Callable[[object], Plan
                   help="Local CPU workers (default: [sweep] workers); with GPUs, one worker per GPU.")
     @click.option("--slurm", is_flag=True, help="Run the workers as SLURM jobs, as the file's [slurm] table "
                   "(else dask's jobqueue.slurm config) says.")
-    @click.option("--dry-run", is_flag=True, help="Print every task, whether it is done, and its output; run nothing.")
+    @click.option("--dry-run", is_flag=True, help="Print every task, whether it is done, and its output "
+                  "(with --slurm, also the job script); run nothing.")
     def command(sweep_file: Path, scheduler: str | None, scheduler_file: Path | None, workers: int | None,
                 slurm: bool, dry_run: bool) -> None:
         try:
@@ -148,11 +149,15 @@ def sweep_command(parse: Callable[[Path], object], plan: Callable[[object], Plan
             if dry_run:
                 for job in jobs.jobs.values():
                     click.echo(f"{'done' if job.id in jobs.done else 'todo'}  {job.id}  {output_of(job)}")
+                if slurm:
+                    script = job_script(jobs.sweep.slurm or SlurmSettings(), jobs.sweep.file)
+                    click.echo("job script:\n" + script.rstrip("\n"))
                 return
             if scheduler and scheduler_file:
                 raise click.UsageError("give --scheduler or --scheduler-file, not both")
             if slurm and (scheduler or scheduler_file or workers):
-                raise click.UsageError("--slurm starts its own workers: give no --scheduler, --scheduler-file or --workers")
+                raise click.UsageError("--slurm starts its own workers: "
+                                       "give no --scheduler, --scheduler-file or --workers")
             run_plan(jobs, scheduler=scheduler, workers=workers, scheduler_file=scheduler_file, slurm=slurm)
         except (SweepFileError, SweepError, VideoError, ListFileError) as e:
             click.echo(f"error: {e}", err=True)

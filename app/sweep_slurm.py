@@ -24,12 +24,13 @@ Worker processes are not daemons, so extraction can start its DataLoader workers
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import dask
 from dask.utils import parse_bytes
 from dask_jobqueue import SLURMCluster
+from dask_jobqueue.slurm import SLURMJob
 
 from .sweep_toml import Reader, SweepFileError
 
@@ -137,6 +138,15 @@ def cluster_options(s: SlurmSettings, source: Path) -> dict:
     given = dict(queue=s.partition, account=s.account, walltime=s.walltime, python=s.python,
                  log_directory=str(s.logs) if s.logs else None)
     return options | {k: v for k, v in given.items() if v is not None}
+
+
+def job_script(s: SlurmSettings, source: Path) -> str:
+    """The script each job would be submitted with (placeholders for the scheduler and worker name).
+    Nothing is created: with ``logs``, the log lines are left out (dask-jobqueue makes the folder)."""
+    script = SLURMJob(scheduler="tcp://SCHEDULER:PORT", name="WORKER",
+                      **cluster_options(replace(s, logs=None), source)).job_script()
+    note = f"# and #SBATCH -o/-e lines into {s.logs}/ (created when the jobs are submitted)\n"
+    return script + (note if s.logs else "")
 
 
 def slurm_cluster(s: SlurmSettings, source: Path, echo=print) -> SLURMCluster:

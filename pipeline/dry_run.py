@@ -69,7 +69,9 @@ def gib(n: float) -> str:
 
 
 def duration(seconds: float) -> str:
-    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
 
 
 def shard_videos(num_videos: int, chunk_videos: int, shard: tuple[int, int]) -> int:
@@ -105,7 +107,8 @@ def _forward_seconds(layout, forward: BlockForward, item: dict, batch_size: int)
     return (time.perf_counter() - t0) / copies, copies
 
 
-def time_lines(cfg: ExtractConfig, layout, forward: BlockForward, root: Path, videos: list[str], todo: int) -> list[str]:
+def time_lines(cfg: ExtractConfig, layout, forward: BlockForward, root: Path, videos: list[str],
+               todo: int) -> list[str]:
     """The time estimate for ``todo`` videos, and how it was made."""
     item, decode, error = _probe(layout, root, videos)
     if item is None:
@@ -142,7 +145,9 @@ def dry_run_report(cfg: ExtractConfig) -> tuple[list[str], str | None]:
     lines = [
         "dry run: nothing extracted, nothing written",
         f"store     {cfg.out} ({cfg.layout} layout, {len(videos):,} videos, {cfg.views} views, "
-        f"{settings.num_blocks:,} blocks of {cfg.chunk_videos}){' (exists)' if cfg.out.exists() else ''}",
+        f"{settings.num_blocks:,} blocks of {cfg.chunk_videos})",
+        *([f"note      {cfg.out} exists: size and time count the whole store; --resume skips finished blocks"]
+          if cfg.out.exists() else []),
         *(f"array     {s.name} {list(s.shape)} {s.dtype}: {s.nbytes:,} bytes in {s.chunks:,} chunks" for s in sizes),
         f"written   {written:,} bytes at creation (metadata, attributes, video list)",
         f"size      {total:,} bytes ({gib(total)}) in {chunks:,} chunk files "

@@ -211,7 +211,8 @@ BAD = [
     ('walltime = "01:30:00"', 'walltime = "1 day"', 'walltime = "1 day"', "slurm.walltime", "not a SLURM time"),
     ("jobs = 2", "jobs = 2\nmaximum_jobs = 4", "jobs = 2", "slurm.jobs", "give either jobs"),
     ("jobs = 2", "minimum_jobs = 1", "[slurm]", "slurm.maximum_jobs", "needs minimum_jobs and maximum_jobs"),
-    ("jobs = 2", "minimum_jobs = 5\nmaximum_jobs = 4", "minimum_jobs = 5", "slurm.minimum_jobs", "more than maximum_jobs"),
+    ("jobs = 2", "minimum_jobs = 5\nmaximum_jobs = 4", "minimum_jobs = 5", "slurm.minimum_jobs",
+     "more than maximum_jobs"),
     ('directives = ["--constraint=a100"]', 'directives = ["constraint=a100"]', 'directives = ["constraint=a100"]',
      "slurm.directives", "an sbatch option"),
     ('prologue = ["echo prologue-ran"]', "prologue = [1]", "prologue = [1]", "slurm.prologue", "must be str"),
@@ -229,6 +230,19 @@ def test_bad_slurm_table_names_line_and_field(tmp_path, old, new, blamed, field,
     line = text.splitlines().index(blamed) + 1
     assert str(info.value).startswith(f"{path}:{line}: {field}: "), str(info.value)
     assert words in str(info.value)
+
+
+def test_cli_dry_run_prints_the_job_script_and_submits_nothing(tmp_path, fake_slurm):
+    path = sweep_dir(tmp_path, SWEEP + SLURM.format(jobs=1))
+    result = CliRunner().invoke(sweep_mod.main, [str(path), "--slurm", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    tasks, script = result.output.split("job script:\n")
+    assert len(tasks.splitlines()) == 4 and all(line.startswith("todo  ") for line in tasks.splitlines())
+    assert {"#SBATCH -p gpu-test", "#SBATCH -t 01:30:00", "#SBATCH --gres=gpu:1"} <= set(script.splitlines())
+    assert "tcp://SCHEDULER:PORT --name WORKER --nthreads 1 " in script and script.count("--resources GPU=1") == 1
+    note = f"# and #SBATCH -o/-e lines into {tmp_path / 'logs'}/ (created when the jobs are submitted)\n"
+    assert script.endswith(note)
+    assert not list(fake_slurm.iterdir()) and not (tmp_path / "logs").exists() and not (tmp_path / "out").exists()
 
 
 def test_cli_slurm_refuses_other_worker_options(tmp_path):
