@@ -95,11 +95,12 @@ def _probe(layout, root: Path, videos: list[str]) -> tuple[dict | None, float, s
     return None, 0.0, error
 
 
-def _forward_seconds(layout, forward: BlockForward, item: dict, batch_size: int) -> tuple[float, int]:
-    """Seconds of backbone work per video: enough copies of ``item`` to fill a batch, run through the
-    layout's own block computation after one warm-up (CUDA context, kernel selection)."""
+def _forward_seconds(layout, forward: BlockForward, item: dict, cfg: ExtractConfig) -> tuple[float, int]:
+    """Seconds of backbone work per video: copies of ``item`` enough to fill a batch (at most a block,
+    the unit extraction batches within), run through the layout's own block computation after one
+    warm-up (CUDA context, kernel selection)."""
     per_video = math.prod(item["images"].shape[:-3])
-    copies = -(-batch_size // per_video)
+    copies = min(cfg.chunk_videos, -(-cfg.batch_size // per_video))
     lo = item["video_index"]
     layout.block_arrays([item], forward, 1, lo)
     t0 = time.perf_counter()
@@ -113,14 +114,14 @@ def time_lines(cfg: ExtractConfig, layout, forward: BlockForward, root: Path, vi
     item, decode, error = _probe(layout, root, videos)
     if item is None:
         return [f"time      not estimated: none of the first {min(PROBES, len(videos))} videos decodes ({error})"]
-    fwd, copies = _forward_seconds(layout, forward, item, cfg.batch_size)
+    fwd, copies = _forward_seconds(layout, forward, item, cfg)
     computing, decoding = todo * fwd, todo * decode / max(1, cfg.workers)
     # decoding runs in DataLoader workers beside the forward passes; without workers it runs in turn
     total = max(computing, decoding) if cfg.workers else computing + decoding
     rule = f"max of the two (decoding in {cfg.workers} worker(s) overlaps the forward)" if cfg.workers else \
         "their sum (--workers 0: decoding and forward alternate)"
     return [
-        f"time      about {duration(total)} for {todo:,} videos on {forward.device}; writing not counted",
+        f"time      about {duration(total)} for {todo:,} videos on {forward.device}; start-up and writing not counted",
         f"          forward {fwd:.3f} s/video x {todo:,} = {duration(computing)} (timed: {copies} cop"
         f"{'y' if copies == 1 else 'ies'} of {item['video']}, batch {cfg.batch_size}, after a warm-up)",
         f"          decode  {decode:.3f} s/video x {todo:,} / {max(1, cfg.workers)} = {duration(decoding)} "

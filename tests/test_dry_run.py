@@ -72,7 +72,9 @@ def test_size_and_chunks_equal_an_independent_count_and_the_written_store(layout
     chunks = len(row_bytes) * k * BLOCKS + BLOCKS + BLOCKS + 1  # per-view arrays, valid, done, videos
     assert number(lines, r"in ([\d,]+) chunk files") == chunks
     assert number(lines, r"for ([\d,]+) videos on cpu") == V
-    assert any("timed: " in line and "of clip0, batch 8" in line for line in lines), lines  # the broken one skipped
+    # a batch of 8 images from decoded videos of 2K (views) or 2 x 2 x 4 (clips) images, within a block of 2
+    copies = {"views": "2 copies", "clips": "1 copy"}[layout]
+    assert any(f"timed: {copies} of clip0, batch 8" in line for line in lines), lines  # the broken one skipped
     assert warning is None  # a few MB
 
     # the store a real run writes (uncompressed): the same bytes per array and the same chunk files
