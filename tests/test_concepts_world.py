@@ -35,7 +35,8 @@ CLIP already reads, not evidence that the objective learns motion or anything ab
 the motion carries no prompt-tied signal (the prompts' text embeddings are random), and the step
 from 20 to 40 says nothing about the size of a gain on UCF101 / HMDB51 with a real CLIP. The
 alignment term (one motion phrase per class) is part of the run, but random phrase embeddings give
-it nothing true to keep; the test does not claim it helps. The runs are evaluated after their
+it nothing true to keep; the test claims nothing for it (alone it hurt, with distillation the run
+did better than distillation alone: one seed each, not evidence either way). The runs are evaluated after their
 concepts file was deleted: a run carries its own concept vectors.
 
 Pooling convention (why step 0 is not bit-equal to frozen CLIP). Frozen zero-shot uses pooling
