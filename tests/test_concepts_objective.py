@@ -302,3 +302,34 @@ def test_train_end_to_end_and_resume_exactly(attributes, tmp_path):
     assert int(full["step"]) == summary["steps"] and full["delta.weight"].abs().sum() > 0
     model, _ = load_trained(tmp_path / "full")
     assert model.joint_space and model.embed(torch.randn(2, T, 1, D)).shape == (2, E)
+
+
+def test_a_run_is_self_contained_and_refuses_altered_concepts(tmp_path):
+    from cosettle.trainer.run_dir import WEIGHTS_FILE, save_weights
+    from cosettle.trainer.synthetic import write_synthetic_clip_store
+    from cosettle.trainer.train import train
+    from cosettle.trainer.trained import load_trained
+
+    store, run = tmp_path / "clips.zarr", tmp_path / "run"
+    write_synthetic_clip_store(store, num_videos=8, plan="vthcl", dim=D, levels=1, frames=T)
+    concepts = write_concepts(tmp_path / "concepts.safetensors")
+    train(TrainConfig.from_flat(objective="concepts", concepts=str(concepts), features=(str(store),), out=str(run),
+                                epochs=1, batch_size=4, blr=1.0, device="cpu", shuffle_chunks=2, io_threads=1,
+                                width=16, depth=1))
+    tokens = torch.randn(3, T, 1, D, generator=torch.Generator().manual_seed(5))
+    with_file, _ = load_trained(run)
+    # the vocabulary file deleted, or re-made with other vectors at its path: the run loads its own
+    for change in (lambda: write_concepts(concepts, seed=9), concepts.unlink):
+        change()
+        loaded, _ = load_trained(run)
+        state, want = loaded.state_dict(), with_file.state_dict()
+        assert state.keys() == want.keys() and all(torch.equal(state[k], want[k]) for k in want)
+        assert torch.equal(loaded.embed(tokens), with_file.embed(tokens))
+
+    # one class vector altered inside the run (the file otherwise intact): refused in one line
+    weights = load_file(str(run / WEIGHTS_FILE))
+    weights["classes"][0] = weights["classes"][1]
+    save_weights(run / WEIGHTS_FILE, weights, {"objective": "concepts"})
+    with pytest.raises(ProjectionError, match="do not have the digest recorded") as err:
+        load_trained(run)
+    assert "\n" not in str(err.value) and str(run / WEIGHTS_FILE) in str(err.value)

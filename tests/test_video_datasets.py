@@ -263,3 +263,14 @@ def test_world_is_deterministic_and_validated(tmp_path):
     for bad in (dict(classes=8), dict(frames=1), dict(height=63), dict(formats=("gif",))):
         with pytest.raises(ValueError):
             write_action_world(tmp_path / "c", **bad)
+
+
+def test_a_backdrop_gives_each_class_its_background():
+    looks = {name: np.full((32, 32, 3), 60 + 100 * i, np.uint8) for i, name in enumerate(ACTION_CLASSES[:2])}
+    for name, look in looks.items():
+        clip = action_clip(name, 4, 32, 32, seed=3, backdrop=lambda c, rng: looks[c])
+        shown = np.all(clip == look, axis=-1)  # [T, H, W]: pixels showing the class's backdrop
+        # everywhere but under the object (an ellipse of 10-16% radii), and the object still moves
+        assert 0.8 < shown.mean() < 1.0 and not np.array_equal(shown[0], shown[-1])
+    with pytest.raises(ValueError, match="backdrop"):
+        action_clip("MoveLeft", 4, 32, 32, seed=3, backdrop=lambda c, rng: np.zeros((16, 16, 3), np.uint8))

@@ -59,6 +59,10 @@ class ObjectiveSpec:
     options: dict[str, Option] = field(default_factory=dict)
     layout: str = "views"  # the store layout it trains on: views (frame pairs) or clips
     plan: str | None = None  # for a clips layout, the sampling plan its store must be made with
+    # ``load_model(settings, options, state)``: the module of a finished run rebuilt from the run's
+    # own saved tensors, for objectives whose ``build_model`` reads inputs from outside the run
+    # (files that may since have moved); None: ``build_model`` with seed 0, then the state loaded
+    load_model: Callable[[dict, dict, dict[str, torch.Tensor]], nn.Module] | None = None
 
     def defaults(self) -> dict:
         return {name: opt.default for name, opt in self.options.items()}

@@ -47,12 +47,18 @@ def build_projection(dim: int, fusion: str = "linear", seed: int = 0) -> nn.Sequ
     return net
 
 
-def load_weights(projection: nn.Module, path: Path) -> None:
-    """Load a safetensors state dict strictly; raises ProjectionError naming the file otherwise."""
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors state dict; raises ProjectionError naming the file when unreadable."""
     try:
-        state = load_file(str(path))
+        return load_file(str(path))
     except Exception as e:
         raise ProjectionError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
+
+
+def load_weights(projection: nn.Module, path: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Load a safetensors state dict strictly (``state``: the file's, already read); raises
+    ProjectionError naming the file otherwise."""
+    state = read_weights(path) if state is None else state
     try:
         projection.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .objective import get_objective
-from .projection import ProjectionError, load_weights
+from .projection import ProjectionError, load_weights, read_weights
 from .run_dir import CONFIG_FILE, WEIGHTS_FILE
 
 
@@ -23,7 +23,8 @@ def load_trained(run_dir: Path, device: str | torch.device = "cpu") -> tuple[nn.
     """The trained module of a finished run (eval mode, on ``device``) and the run's config.
 
     The config dict is the run's ``config.json``: training settings, the feature stores'
-    provenance (backbone, weights digest, views...) and the environment.
+    provenance (backbone, weights digest, views...) and the environment. An objective with a
+    ``load_model`` is rebuilt from the run's own tensors, needing nothing outside the run.
     """
     run_dir = Path(run_dir)
     cfg_path, weights = run_dir / CONFIG_FILE, run_dir / WEIGHTS_FILE
@@ -39,6 +40,13 @@ def load_trained(run_dir: Path, device: str | torch.device = "cpu") -> tuple[nn.
         objective, options = run_options(config)
     except (ValueError, KeyError, TypeError) as e:
         raise ProjectionError(f"{cfg_path}: not a cosettle-train config ({type(e).__name__}: {e})") from None
-    model = get_objective(objective).build_model(settings, options, 0)
-    load_weights(model, weights)
+    spec, state = get_objective(objective), read_weights(weights)
+    if spec.load_model is None:
+        model = spec.build_model(settings, options, 0)
+    else:
+        try:
+            model = spec.load_model(settings, options, state)
+        except ProjectionError as e:
+            raise ProjectionError(f"{weights}: {e}") from None
+    load_weights(model, weights, state)
     return model.to(device).eval(), config

@@ -1,10 +1,14 @@
-"""A small synthetic action world in the UCF101 layout, whose classes differ by motion only.
+"""A small synthetic action world in the UCF101 layout, whose classes differ by motion only (by default).
 
 Every video shows one random textured ellipse over a random static textured background; the class
 decides only its trajectory (a direction, an oscillation speed, or none). The world is a torus --
 the object leaves one border and comes back through the opposite one -- and the start position
 is uniform, so the object's position in any single frame is uniform whatever the class: no single
 frame carries class information, and only a temporal model can tell the classes apart.
+
+A ``backdrop`` (class name, the video's generator -> its background) replaces the random background,
+e.g. to give each class a look of its own that single frames then carry; without one, every
+class's look is random.
 
 Textures and the writers come from ``cosettle.pipeline.synthetic``; its ``moving_scene`` is not
 used because its velocities are random by design and its background pans, while here the class
@@ -13,6 +17,7 @@ must decide the motion and nothing else may move.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -21,6 +26,7 @@ from cosettle.pipeline.synthetic import texture, write_frame_folder, write_video
 ACTION_CLASSES = ("MoveRight", "MoveLeft", "MoveDown", "MoveUp", "OscillateFast", "OscillateSlow", "StayStill")
 FORMATS = ("mp4", "frames")
 FAST_PERIOD = 4  # frames per oscillation of OscillateFast (a slow one takes the whole clip)
+Backdrop = Callable[[str, np.random.Generator], np.ndarray]  # (class name, video's rng) -> [H, W, 3] uint8
 
 
 def trajectory(class_name: str, frames: int, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
@@ -44,10 +50,14 @@ def trajectory(class_name: str, frames: int, height: int, width: int, rng: np.ra
     raise ValueError(f"unknown action class {class_name!r}; expected one of {', '.join(ACTION_CLASSES)}")
 
 
-def action_clip(class_name: str, frames: int, height: int, width: int, seed: int) -> np.ndarray:
-    """Frames [T, H, W, 3] uint8 of one video of a class: a textured ellipse on a static background."""
+def action_clip(class_name: str, frames: int, height: int, width: int, seed: int,
+                backdrop: Backdrop | None = None) -> np.ndarray:
+    """Frames [T, H, W, 3] uint8 of one video of a class: a textured ellipse on a static background
+    (``backdrop(class_name, rng)``, or a random texture)."""
     rng = np.random.default_rng(seed)
-    background = texture(rng, height, width, cells=12)
+    background = texture(rng, height, width, cells=12) if backdrop is None else backdrop(class_name, rng)
+    if background.shape != (height, width, 3) or background.dtype != np.uint8:
+        raise ValueError(f"a backdrop must be [{height}, {width}, 3] uint8, got {background.shape} {background.dtype}")
     tex = texture(rng, height, width, cells=4)
     radius = rng.uniform(0.10, 0.16, size=2) * (height, width)
     centres = trajectory(class_name, frames, height, width, rng)
@@ -97,12 +107,13 @@ def write_action_world(
     width: int = 64,
     seed: int = 0,
     formats: tuple[str, ...] = FORMATS,
+    backdrop: Backdrop | None = None,
 ) -> dict:
     """Write videos to ``root/videos/<Class>/v_<Class>_gNN_c01{.mp4,/}`` and UCF-style split lists.
 
     ``root/splits`` gets ``classInd.txt`` (1-based), ``trainlist01.txt`` and ``testlist01.txt``
     (``<Class>/<video>.mp4 <label>``, 0-based, ``.mp4`` even for frame folders as the official
-    lists do). Formats alternate from video to video. Read it back with
+    lists do). Formats alternate from video to video; ``backdrop`` as in ``action_clip``. Read it back with
     ``load_split(info["dataset"], info["videos"], 1, subset, lists=info["lists"])``.
     """
     formats = tuple(formats)
@@ -117,7 +128,7 @@ def write_action_world(
             subset = "train" if i < train_per_class else "test"
             # UCF names videos v_<Class>_g<group>_c<clip>; one clip per group here.
             video = f"v_{name}_g{i + 1:02d}_c01"
-            clip = action_clip(name, frames, height, width, _video_seed(seed, label, i))
+            clip = action_clip(name, frames, height, width, _video_seed(seed, label, i), backdrop)
             _write_video(videos / name / video, clip, formats[i % len(formats)])
             rows[subset].append(f"{name}/{video}.mp4 {label}")
     (lists / "classInd.txt").write_text("".join(f"{i + 1} {n}\n" for i, n in enumerate(names)))

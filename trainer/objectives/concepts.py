@@ -25,9 +25,11 @@ Model (:class:`ConceptsModel`; every tensor below is in ``state_dict``, so a run
 - ``head_teacher``, ``delta_teacher``: EMA copies (requires_grad False), moved at every loss call,
   before the teacher runs, by theta_t <- m theta_t + (1 - m) theta_s.
 - buffers ``visual_proj`` [D, E], ``classes`` [K, E], ``attributes`` [A, E], ``membership`` [K, A]
-  (frozen, from the file; loading a run rebuilds the model through ``build_model``, so the file must
-  still be at its path, but the run's own buffers replace its values, whatever their sizes),
-  ``center`` [K] (DINO's center, zeros at start), ``step`` [1] int64 (loss calls so far).
+  (frozen, from the file), ``concepts_sha256`` [32] uint8 (``state_digest`` of those four as built,
+  recorded with them), ``center`` [K] (DINO's center, zeros at start), ``step`` [1] int64 (loss
+  calls so far). A finished run is self-contained: ``load_model`` rebuilds it from its own tensors,
+  without the concepts file (which may since have moved, changed or gone), after checking that the
+  four tensors still have their recorded digest; a copy altered after training is refused.
 - ``embed(tokens [B, T, 1, D]) -> [B, E]``: the student's f, unit vectors in CLIP's joint space, so
   zero-shot with class-name text embeddings applies (``joint_space = True`` says so to evaluation).
 
@@ -89,12 +91,15 @@ from ..concept_terms import (
 )
 from ..objective import Loss, ObjectiveSpec, Option, register
 from ..projection import ProjectionError
+from ..release_format import state_digest
 from ..temporal_head import TemporalHead, clip_settings, frozen_copy, momentum_update, split_pair, unwrap
 
 NAME = "concepts"
 TEST_BACKBONE = "synthetic"  # concepts files for synthetic stores (tests only)
 GLOBAL, LOCAL = 0, 1  # clip index in a vthcl pair: slow / long extent, fast / short extent
-FROZEN = ("visual_proj", "classes", "attributes", "membership", "center")  # sized by the concepts file
+CONCEPTS = ("visual_proj", "classes", "attributes", "membership")  # the concepts file's tensors, as trained with
+FROZEN = (*CONCEPTS, "center")  # sized by the concepts file
+DIGEST = "concepts_sha256"
 
 
 class ConceptsModel(nn.Module):
@@ -117,6 +122,7 @@ class ConceptsModel(nn.Module):
         self.register_buffer("classes", F.normalize(classes.float(), dim=-1).contiguous())
         self.register_buffer("attributes", F.normalize(attributes.float(), dim=-1).contiguous())
         self.register_buffer("membership", membership.float().contiguous())
+        self.register_buffer(DIGEST, concepts_digest(self.state_dict()))
         self.register_buffer("center", torch.zeros(classes.shape[0]))
         self.register_buffer("step", torch.zeros(1, dtype=torch.long))
 
@@ -153,12 +159,17 @@ class ConceptsModel(nn.Module):
         return self._features(self.head, self.delta, tokens)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # a run's own concept buffers win over the file's sizes (the file may have been re-made)
+        # a resumed run's own concept buffers win over the file's sizes (the file may have been re-made)
         for name in FROZEN:
             given = state_dict.get(prefix + name)
             if given is not None and given.shape != self._buffers[name].shape:
                 self._buffers[name] = self._buffers[name].new_empty(given.shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def concepts_digest(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The 32 bytes of ``state_digest`` over the ``CONCEPTS`` tensors of a (model's) state dict."""
+    return torch.tensor(list(bytes.fromhex(state_digest({k: state[k] for k in CONCEPTS}))), dtype=torch.uint8)
 
 
 # -- the store and the concepts file -----------------------------------------------------------
@@ -251,6 +262,20 @@ def _model(settings: dict, options: dict, seed: int) -> nn.Module:
                          concepts.membership, options["width"], options["depth"], seed)
 
 
+def _load(settings: dict, options: dict, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A finished run's model from its own concept tensors (the concepts file is not read), refused
+    when they are missing or no longer have the digest recorded with them."""
+    dim, frames = check_store(settings)
+    missing = [k for k in (*CONCEPTS, DIGEST) if k not in state]
+    if missing:
+        raise ProjectionError(f"no {', '.join(missing)}: not a concepts run, or one made before runs kept their "
+                              "concept vectors; train it again")
+    if not torch.equal(concepts_digest(state), state[DIGEST]):
+        raise ProjectionError(f"its concept vectors ({', '.join(CONCEPTS)}) do not have the digest recorded with "
+                              "them: altered after training; refusing them")
+    return ConceptsModel(dim, frames, *(state[k] for k in CONCEPTS), options["width"], options["depth"])
+
+
 def _loss(options: dict) -> Loss:
     tau_t, tau_s = options["teacher_temp"], options["student_temp"]
     w_distill, w_align = options["w_distill"], options["w_align"]
@@ -303,6 +328,7 @@ register(ObjectiveSpec(
     build_loss=_loss,
     layout="clips",
     plan="vthcl",
+    load_model=_load,
     options={
         "concepts": Option("", "Concepts file (safetensors) from `cosettle concepts` for the store's CLIP checkpoint "
                                "(required)."),
