@@ -11,7 +11,7 @@ from .clips import FAST_STRIDE, PLANS, SLOW_STRIDE
 from .extract import AMP_DTYPES, ExtractConfig, extract
 from .extract_config import LAYOUTS
 from .pooling import POOLINGS
-from .store import COMPRESSORS, StoreError
+from .store import COMPRESSORS, DTYPES, StoreError
 from .videos import VideoError
 
 CLIPS_ONLY = ("plan", "clip_frames", "levels", "pooling", "slow_stride", "fast_stride")
@@ -69,7 +69,8 @@ def check_layout_options(ctx: click.Context, kw: dict) -> None:
 @click.option("--resume", is_flag=True, help="Continue an interrupted store, skipping finished blocks.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing store at --out and rebuild it.")
 @click.option("--chunk-videos", default=16, type=click.IntRange(min=1), help="Videos per chunk (the unit of work).")
-@click.option("--dtype", default="float16", type=click.Choice(["float16", "float32"]))
+@click.option("--dtype", default="float16", type=click.Choice(DTYPES),
+              help="Token dtype on disk; int8: per-token scaled codes, decoded to float32 on read.")
 @click.option("--compressor", default="none", type=click.Choice(COMPRESSORS),
               help="Blosc codec; features compress by only ~8%.")
 @click.option("--asy-ratio", default=10.0, type=float, help="Asymmetric positional embedding ratio r.")
