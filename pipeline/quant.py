@@ -37,4 +37,6 @@ def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def dequantize(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """Tokens float32 [..., D] of int8 ``codes`` [..., D] and their scales [..., 1]."""
-    return np.multiply(codes, scale, dtype=np.float32)
+    out = codes.astype(np.float32)
+    out *= scale  # in place: no second float32 array
+    return out

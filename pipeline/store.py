@@ -29,7 +29,7 @@ clips of T frames, L levels of pooled D'-wide vectors), chunks [1, C, 2, T, L, D
 of a layout that a training batch carries.
 
 A store of ``dtype: "int8"`` (either layout) holds each token array as int8 codes, and beside it
-``NAME_scale``: float16 per-token scales, the token array's shape and chunks with a trailing 1
+``NAME_scale``: float32 per-token scales, the token array's shape and chunks with a trailing 1
 (``quant``). The store quantises in ``write_block`` and decodes in ``read``, which every reader uses.
 """
 from __future__ import annotations

@@ -136,9 +136,9 @@ def test_extract_int8_matches_float32_extraction_and_refuses_other_dtypes(frames
         assert (err <= scale.astype(np.float64) / 2 * (1 + 1e-4)).all()
     monkeypatch.setattr(cli, "ExtractConfig", partial(ExtractConfig, arch=TINY))
     res = CliRunner().invoke(cli.main, ["--backbone", "dino_vitb", "--weights", "random", "--videos", str(frames),
-                                        "--out", str(q.path), "--views", "2", "--chunk-videos", "2", "--workers", "0",
-                                        "--resume"])  # --dtype float16 by default, on the int8 store
+                                        "--out", str(f.path), "--views", "2", "--chunk-videos", "2", "--workers", "0",
+                                        "--dtype", "int8", "--resume"])  # the float32 store, resumed as int8
     assert res.exit_code == 1
     assert res.output.strip().splitlines() == [
-        f"Error: {q.path}: made with other settings (dtype: expected 'float16', found 'int8'); "
+        f"Error: {f.path}: made with other settings (dtype: expected 'int8', found 'float32'); "
         "use another path or --overwrite"]
