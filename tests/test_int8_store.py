@@ -100,6 +100,19 @@ def test_reader_gets_the_dequantised_tokens(tmp_path, layout):
         assert all(np.array_equal(b["labels"].numpy(), exact.array("labels")[view][r]) for b, r in zip(batches, rows))
 
 
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_zstd_shuffle_stores_read_as_uncompressed_ones(tmp_path, dtype):
+    stores = {}
+    for compressor in ("none", "zstd-shuffle"):
+        write_synthetic_store(tmp_path / f"{compressor}.zarr", num_videos=6, views=1, chunk_videos=3, dtype=dtype,
+                              compressor=compressor)
+        stores[compressor] = open_store(tmp_path / f"{compressor}.zarr")
+    codec = stores["zstd-shuffle"].array("a").compressors[0]
+    assert (codec.cname.value, codec.clevel, codec.shuffle.value) == ("zstd", 5, "shuffle")
+    for name in ("a", "b", "a_asy"):
+        assert np.array_equal(stores["zstd-shuffle"].read(name, 0, 0, 6), stores["none"].read(name, 0, 0, 6))
+
+
 def test_resuming_in_another_dtype_is_refused(tmp_path):
     videos = [f"v{i}" for i in range(4)]
     for made, asked in (("float16", "int8"), ("int8", "float16")):
