@@ -60,10 +60,8 @@ ATTR = "cosettle_store"
 TOKEN_ARRAYS = ("a", "b", "a_asy")  # the batch arrays of a views store
 CLIP_ARRAYS = ("tokens", "labels")  # the batch arrays of a clips store
 LAYOUT_ARRAYS = {"views": TOKEN_ARRAYS, "clips": CLIP_ARRAYS}
-# "zstd-shuffle" (byte shuffle, level 5) compressed best for both float16 and int8 tokens in
-# bench/store_codecs.py; "zstd" (bitshuffle) hardly compresses int8 codes. "none" stays the default:
-# the codecs saving over 5% of the bytes read at 0.25-0.42 (float16) and 0.52-0.66 (int8) of the raw
-# chunks' rate per CPU second, a loss wherever a disk delivers over ~0.1 GB/s per decoding core.
+# bench/store_codecs.py: zstd-shuffle compresses float16 and int8 tokens best, zstd (bitshuffle) hardly int8;
+# none stays the default, as every codec saving >5% decoded at under 0.66x raw chunks' rate per CPU second.
 COMPRESSORS = ("none", "zstd", "lz4", "zstd-shuffle")
 DTYPES = ("float16", "float32", INT8)
 
