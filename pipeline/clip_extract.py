@@ -101,7 +101,7 @@ class ClipsLayout:
         skipped videos)."""
         k, t = self.cfg.views, self.cfg.clip_frames
         shape = (2, t, len(self.levels), self.dim)
-        out = {"tokens": np.zeros((k, rows) + shape, dtype=self.cfg.dtype),
+        out = {"tokens": np.zeros((k, rows) + shape, dtype=self.cfg.array_dtype),
                "labels": np.full((k, rows, len(LABELS)), -1, dtype=np.int16)}
         good = [it for it in items if it["error"] is None]
         if not good:

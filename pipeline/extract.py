@@ -105,7 +105,7 @@ class BlockForward:
             e = None if extra is None else extra[s : s + self.cfg.batch_size]
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
                 f = fn(x, e)
-            out.append(f.to(getattr(torch, self.cfg.dtype)).cpu())
+            out.append(f.to(getattr(torch, self.cfg.array_dtype)).cpu())
         return torch.cat(out).numpy()
 
 
@@ -154,7 +154,7 @@ class ViewsLayout:
 
     def block_arrays(self, items: list[dict], forward: BlockForward, rows: int, lo: int) -> dict[str, np.ndarray]:
         shape = (self.backbone.grid * self.backbone.grid, self.backbone.dim)
-        return _block_tokens(items, forward, self.cfg.views, rows, lo, shape, self.cfg.dtype)
+        return _block_tokens(items, forward, self.cfg.views, rows, lo, shape, self.cfg.array_dtype)
 
     def manifest(self, items: list[dict], statuses: list[str]) -> pa.Table:
         rows = [r for it, status in zip(items, statuses) for r in _manifest_rows(it, self.cfg.views, status)]

@@ -8,6 +8,8 @@ import torch
 
 from .clips import FAST_STRIDE, PLANS, SLOW_STRIDE
 from .pooling import POOLINGS
+from .quant import DTYPE as INT8
+from .store import DTYPES
 from .views import CLIP_GAP
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
@@ -51,6 +53,11 @@ class ExtractConfig:
     fast_stride: int = FAST_STRIDE
     arch: dict | None = None  # tiny architectures for tests
 
+    @property
+    def array_dtype(self) -> str:
+        """The dtype of a block's tokens in memory: float32 for an int8 store (the store quantises), else ``dtype``."""
+        return "float32" if self.dtype == INT8 else self.dtype
+
 
 def check_config(cfg: ExtractConfig) -> None:
     """Refuse inconsistent settings before anything is loaded (ValueError, one line)."""
@@ -60,6 +67,8 @@ def check_config(cfg: ExtractConfig) -> None:
     if cfg.overwrite and count > 1:
         # each shard would delete the blocks the others have written
         raise ValueError(f"{cfg.out}: --overwrite cannot be combined with --shard; delete the store, then start the shards")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
     if cfg.layout not in LAYOUTS:
         raise ValueError(f"unknown layout {cfg.layout!r}; choose one of {', '.join(LAYOUTS)}")
     if cfg.layout == "views":

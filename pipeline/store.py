@@ -27,6 +27,10 @@ manifest parts, and instead of ``a``, ``b``, ``a_asy``: ``tokens`` [K, V, 2, T, 
 clips of T frames, L levels of pooled D'-wide vectors), chunks [1, C, 2, T, L, D'], and ``labels``
 [K, V, 6] int16 (``clips.LABELS``), chunks [1, C, 6]. ``FeatureStore.batch_arrays`` names the arrays
 of a layout that a training batch carries.
+
+A store of ``dtype: "int8"`` (either layout) holds each token array as int8 codes, and beside it
+``NAME_scale``: float32 per-token scales, the token array's shape and chunks with a trailing 1
+(``quant``). The store quantises in ``write_block`` and decodes in ``read``, which every reader uses.
 """
 from __future__ import annotations
 
@@ -48,13 +52,18 @@ from cosettle.core.provenance import environment, mismatches, now_utc
 
 from .backbones import ALL, BACKBONES, FINAL_NORM_KEY, final_norm_record
 from .clips import LABELS
+from .quant import DTYPE as INT8
+from .quant import SCALE_DTYPE, dequantize, quantize, scale_name
 
 FORMAT = 1
 ATTR = "cosettle_store"
 TOKEN_ARRAYS = ("a", "b", "a_asy")  # the batch arrays of a views store
 CLIP_ARRAYS = ("tokens", "labels")  # the batch arrays of a clips store
 LAYOUT_ARRAYS = {"views": TOKEN_ARRAYS, "clips": CLIP_ARRAYS}
-COMPRESSORS = ("none", "zstd", "lz4")
+# bench/store_codecs.py: zstd-shuffle compresses float16 and int8 tokens best, zstd (bitshuffle) hardly int8;
+# none stays the default, as every codec saving >5% decoded at under 0.66x raw chunks' rate per CPU second.
+COMPRESSORS = ("none", "zstd", "lz4", "zstd-shuffle")
+DTYPES = ("float16", "float32", INT8)
 
 
 class ArraySpec(NamedTuple):
@@ -113,7 +122,7 @@ class StoreSettings:
         spec = ArraySpec((self.views, self.num_videos, self.tokens, self.dim),
                          (1, self.chunk_videos, self.tokens, self.dim), self.dtype, 0,
                          ("view", "video", "token", "channel"))
-        return dict.fromkeys(TOKEN_ARRAYS, spec)
+        return with_scales(dict.fromkeys(TOKEN_ARRAYS, spec))
 
 
 @dataclass(frozen=True)
@@ -157,11 +166,19 @@ class ClipStoreSettings:
 
     def arrays(self) -> dict[str, ArraySpec]:
         k, v, c, t, n = self.views, self.num_videos, self.chunk_videos, self.frames, len(self.levels)
-        return {
+        return with_scales({
             "tokens": ArraySpec((k, v, 2, t, n, self.dim), (1, c, 2, t, n, self.dim), self.dtype, 0,
                                 ("view", "video", "clip", "frame", "level", "channel")),
             "labels": ArraySpec((k, v, len(LABELS)), (1, c, len(LABELS)), "int16", -1, ("view", "video", "label")),
-        }
+        })
+
+
+def with_scales(arrays: dict[str, ArraySpec]) -> dict[str, ArraySpec]:
+    """``arrays`` and, for each int8 token array, its per-token scale array (trailing dimension 1)."""
+    scales = {scale_name(name): spec._replace(shape=spec.shape[:-1] + (1,), chunks=spec.chunks[:-1] + (1,),
+                                              dtype=np.dtype(SCALE_DTYPE).name)
+              for name, spec in arrays.items() if spec.dtype == INT8}
+    return arrays | scales
 
 
 def token_rule(settings: dict) -> str:
@@ -194,6 +211,8 @@ def _codecs(name: str):
         return None
     if name in ("zstd", "lz4"):
         return zarr.codecs.BloscCodec(cname=name, clevel=3, shuffle="bitshuffle")
+    if name == "zstd-shuffle":
+        return zarr.codecs.BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
     raise StoreError(f"unknown compressor '{name}'; choose one of {', '.join(COMPRESSORS)}")
 
 
@@ -211,6 +230,7 @@ class FeatureStore:
             raise StoreError(f"{self.path}: not a cosettle feature store (format {FORMAT} attributes missing)")
         self.meta = meta
         self.settings = meta["settings"]
+        self._arrays: dict[str, zarr.Array] = {}
         self.layout = self.settings.get("layout", "views")
         if self.layout not in LAYOUT_ARRAYS:
             raise StoreError(f"{self.path}: unknown store layout {self.layout!r} (this cosettle reads "
@@ -244,13 +264,29 @@ class FeatureStore:
         return self.group["valid"][:]
 
     def array(self, name: str) -> zarr.Array:
-        return self.group[name]
+        if name not in self._arrays:  # opening reads the array's metadata: once per store, not per chunk
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
+
+    def read(self, name: str, view: int, lo: int, hi: int) -> np.ndarray:
+        """Rows [lo, hi) of batch array ``name`` at ``view`` as readers use them: the int8 tokens of an
+        int8 store decoded to float32 (``quant.dequantize``), every other array as stored."""
+        values = self.array(name)[view, lo:hi]
+        if values.dtype != np.int8:
+            return values
+        return dequantize(values, self.array(scale_name(name))[view, lo:hi])
 
     def write_block(self, block: int, tokens: dict[str, np.ndarray], valid: np.ndarray, manifest: pa.Table) -> None:
-        """Write one block's ``batch_arrays`` [K, rows, ...], validity and manifest, then mark it done."""
+        """Write one block's ``batch_arrays`` [K, rows, ...] (float tokens, quantised here for an int8
+        store), validity and manifest, then mark it done."""
         lo, hi = self.block_rows(block)
         for name in self.batch_arrays:
-            self.group[name][:, lo:hi] = tokens[name]
+            if self.array(name).dtype == np.int8:
+                codes, scales = quantize(tokens[name])
+                self.array(scale_name(name))[:, lo:hi] = scales
+                self.array(name)[:, lo:hi] = codes
+            else:
+                self.array(name)[:, lo:hi] = tokens[name]
         self.group["valid"][lo:hi] = valid
         mdir = manifest_dir(self.path)
         mdir.mkdir(exist_ok=True)

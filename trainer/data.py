@@ -92,17 +92,17 @@ class ChunkReader:
                  prefetch_batches: int = 4, pin_memory: bool = False):
         self.stores = stores
         self.chunks = chunks
-        self.arrays = [{name: s.array(name) for name in s.batch_arrays} for s in stores]
+        self.names = stores[0].batch_arrays  # stores combine only with equal settings, so equal layouts
         self.io_threads = io_threads
         self.lookahead = 2 * window
         self.prefetch_batches = prefetch_batches
         self.pin_memory = pin_memory
 
     def read_chunk(self, chunk_id: int, view: int) -> dict[str, np.ndarray]:
-        """All token arrays of one chunk at one view: name -> [rows in block, T, D]."""
-        chunk = self.chunks[chunk_id]
-        lo, hi = self.stores[chunk.store].block_rows(chunk.block)
-        return {name: arr[view, lo:hi] for name, arr in self.arrays[chunk.store].items()}
+        """All batch arrays of one chunk at one view, decoded (``FeatureStore.read``): name -> [rows in block, ...]."""
+        store = self.stores[self.chunks[chunk_id].store]
+        lo, hi = store.block_rows(self.chunks[chunk_id].block)
+        return {name: store.read(name, view, lo, hi) for name in self.names}
 
     def batches(self, plan: np.ndarray, view: int, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """Batches ``plan[start:]`` of store view ``view``: name -> tokens [batch, T, D]."""
@@ -151,7 +151,7 @@ class ChunkReader:
         cids, starts = np.unique(batch[:, 0], return_index=True)
         bounds = list(zip(cids.tolist(), starts.tolist(), starts[1:].tolist() + [len(batch)]))
         out = {}
-        for name in self.arrays[0]:
+        for name in self.names:
             sample = held[bounds[0][0]].result()[name]
             buf = np.empty((len(batch),) + sample.shape[1:], dtype=sample.dtype)
             for c, lo, hi in bounds:

@@ -71,7 +71,7 @@ def write_synthetic_store(path: Path, *, num_videos: int, views: int = 2, grid: 
             t[:, ~valid] = np.nan
         manifest = pa.table({"video_index": np.repeat(np.arange(lo, hi), views),
                              "view": np.tile(np.arange(views), hi - lo)})
-        store.write_block(block, {k: v.astype(dtype) for k, v in tokens.items()}, valid, manifest)
+        store.write_block(block, tokens, valid, manifest)  # float32: the store casts or quantises to its dtype
     store.mark_complete_if_done()
     return store
 
@@ -137,7 +137,8 @@ def synthetic_clip_labels(rng: np.random.Generator, plan: str, k: int, rows: int
 
 def write_synthetic_clip_store(path: Path, *, num_videos: int, views: int = 2, frames: int = 4, levels: int = 2,
                                dim: int = 16, chunk_videos: int = 8, plan: str = "cstp", seed: int = 0,
-                               invalid: tuple[int, ...] = (), complete: bool = True) -> FeatureStore:
+                               invalid: tuple[int, ...] = (), complete: bool = True,
+                               dtype: str = "float16") -> FeatureStore:
     """Write a synthetic clips store (the real format, ``synthetic_clip_tokens``' structure) at ``path``.
 
     ``dim`` is D' (>= 14, so that the five overlap classes share 5 distinct channel counts);
@@ -150,7 +151,7 @@ def write_synthetic_clip_store(path: Path, *, num_videos: int, views: int = 2, f
     settings = ClipStoreSettings(
         backbone="synthetic", weights="random", weights_sha256="random", image_size=224, depth=levels,
         backbone_dim=dim, plan=plan, plan_params=plan_params(plan), frames=frames, levels=tuple(range(1, levels + 1)),
-        pooling="mean", dim=dim, dtype="float16", views=views, crop_scale=(0.5, 1.0), crop_ratio=(3 / 4, 4 / 3),
+        pooling="mean", dim=dim, dtype=dtype, views=views, crop_scale=(0.5, 1.0), crop_ratio=(3 / 4, 4 / 3),
         seed=seed, num_videos=num_videos, videos_sha256=videos_digest(videos), chunk_videos=chunk_videos,
         compressor="none",
     )
@@ -165,6 +166,6 @@ def write_synthetic_clip_store(path: Path, *, num_videos: int, views: int = 2, f
         manifest = pa.table({"video_index": np.repeat(np.arange(lo, hi), views),
                              "view": np.tile(np.arange(views), hi - lo),
                              **{name: labels.swapaxes(0, 1).reshape(-1, 6)[:, j] for j, name in enumerate(LABELS)}})
-        store.write_block(block, {"tokens": tokens.astype("float16"), "labels": labels}, valid, manifest)
+        store.write_block(block, {"tokens": tokens, "labels": labels}, valid, manifest)  # the store casts or quantises
     store.mark_complete_if_done()
     return store
