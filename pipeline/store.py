@@ -12,12 +12,9 @@ Layout of ``NAME.zarr`` (V videos, K views per video, T tokens of dim D, blocks 
 - group attributes ``cosettle_store``: format version, the settings every writer must share,
   environment versions, creation time, and ``complete`` once every block is done.
 
-The settings include the backbone's token rule (``final_norm``, ``cosettle.pipeline.backbones``) when
-it is not ``"all"``; a store without it was made with every token normalised (as every store was
-before rules existed), so stores of ``"all"`` backbones read and compare as they always did. A store
-made with another rule than its backbone's registered one (an ``ijepa_vitb`` store made before its
-"asy-only" rule) is refused: ``create_or_open`` (resume, join) compares the rules explicitly, and
-``open_store`` (training) refuses it, so it is never mixed with tokens of the current rule.
+The settings include the backbone's token rule (``final_norm``) only when it is not ``"all"``, so
+older stores of ``"all"`` backbones stay valid; a store made with another rule than its backbone's
+current one is refused by ``create_or_open`` (resume, join) and ``open_store`` (training).
 
 Beside it, ``NAME.manifest/part-BLOCK.parquet``: one row per (video, view) with what was sampled.
 
