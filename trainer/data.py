@@ -18,7 +18,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from cosettle.pipeline.store import FeatureStore
+from cosettle.core.errors import first_line
+from cosettle.pipeline.store import FeatureStore, StoreError
 
 _DONE = object()
 
@@ -101,8 +102,17 @@ class ChunkReader:
     def read_chunk(self, chunk_id: int, view: int) -> dict[str, np.ndarray]:
         """All token arrays of one chunk at one view: name -> [rows in block, T, D]."""
         chunk = self.chunks[chunk_id]
-        lo, hi = self.stores[chunk.store].block_rows(chunk.block)
-        return {name: arr[view, lo:hi] for name, arr in self.arrays[chunk.store].items()}
+        store = self.stores[chunk.store]
+        lo, hi = store.block_rows(chunk.block)
+        out = {}
+        for name, arr in self.arrays[chunk.store].items():
+            try:
+                out[name] = arr[view, lo:hi]
+            except (ValueError, RuntimeError, OSError) as e:  # zarr names the decode step that failed, not the file
+                key = arr.metadata.encode_chunk_key((view, chunk.block) + (0,) * (arr.ndim - 2))
+                raise StoreError(f"{store.path / name / key}: damaged chunk, cannot be read ({first_line(e)}); "
+                                 "extract the store again") from None
+        return out
 
     def batches(self, plan: np.ndarray, view: int, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """Batches ``plan[start:]`` of store view ``view``: name -> tokens [batch, T, D]."""
