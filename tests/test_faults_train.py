@@ -1,10 +1,13 @@
 """cosettle-train under faults: killed at random points and resumed, a damaged store, a full disk."""
+import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
-from fault_harness import assert_one_line_error, assert_same_run, run, run_killed
+from fault_harness import assert_one_line_error, assert_same_run, finish, run, run_killed, start
 
+from cosettle.trainer.run_dir import RunDir
 from cosettle.trainer.synthetic import write_synthetic_store
 
 SEEDS = (0, 1, 2)
@@ -59,3 +62,40 @@ def test_truncated_chunk_is_one_line_naming_it_and_keeps_finished_epochs(store, 
     result = run("train", args(damaged, out), tmp_path / "repaired")
     assert result.code == 0, result.stderr
     assert_same_run(out, want, {damaged: store})
+
+
+def test_full_disk_is_one_line_naming_the_file_and_keeps_the_last_checkpoint(store, uninterrupted, tmp_path):
+    """Under an 8 kB file-size limit the checkpoints (7 kB) fit and the plot (48 kB) does not."""
+    want, _ = uninterrupted
+    out = tmp_path / "run"
+    result = run("train", args(store, out), tmp_path / "full", fsize=8000)
+    assert_one_line_error(result, f"{out / 'training.png'}: cannot write", "File too large")
+    assert (out / "checkpoints" / "LATEST").read_text() == "step-00000004\n"  # the last before epoch 0's plot
+    result = run("train", args(store, out), tmp_path / "resumed")
+    assert result.code == 0, result.stderr
+    assert "from step-00000004" in result.stdout  # the kept checkpoint is what the run went on from ...
+    assert_same_run(out, want)  # ... and it ends as the uninterrupted run
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_run(store, tmp_path):
+    """The lock is held by this test process: cosettle-train names its pid and changes nothing."""
+    out = tmp_path / "run"
+    out.mkdir()
+    with RunDir(out).writing():
+        result = run("train", args(store, out), tmp_path / "second")
+        assert_one_line_error(result, f"{out}: run dir is being written by pid {os.getpid()}")
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
+def test_two_writers_started_at_once_give_the_result_of_one(store, uninterrupted, tmp_path):
+    want, _ = uninterrupted
+    out = tmp_path / "run"
+    procs = [start("train", args(store, out), tmp_path / f"w{i}") for i in range(2)]
+    now = time.perf_counter()
+    results = [finish(p, tmp_path / f"w{i}", now) for i, p in enumerate(procs)]
+    for result, other in zip(results, reversed(procs)):
+        # the loser is refused at once; one started after the winner finished finds a finished run
+        if result.code != 0:
+            assert_one_line_error(result, f"{out}: run dir is being written by pid {other.pid}")
+    assert any(r.code == 0 for r in results)
+    assert_same_run(out, want)
