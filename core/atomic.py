@@ -3,6 +3,7 @@ writer never leaves one; a write that fails (a full disk, a quota) is a ``WriteE
 file, and the file it would have replaced stays as it was."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import uuid
@@ -18,15 +19,21 @@ class WriteError(Exception):
     """A file could not be written (disk full, quota, permissions); the message names it."""
 
 
+# OSErrors that mean "could not write": anything else (a missing input file) is not a write failure
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
 @contextmanager
 def naming_failures(path: Path, kinds: tuple[type[BaseException], ...] = (OSError,)) -> Iterator[None]:
-    """Turn a failure of ``kinds`` while writing ``path`` into a one-line ``WriteError`` naming it
-    (an OSError of a write call does not name its file)."""
+    """Turn a failure of ``kinds`` while writing ``path`` (an OSError only with a ``WRITE_ERRNOS``
+    errno) into a one-line ``WriteError`` naming it: an OSError of a write call does not name its file."""
     try:
         yield
     except WriteError:
         raise
     except kinds as e:
+        if isinstance(e, OSError) and e.errno not in WRITE_ERRNOS:
+            raise
         raise WriteError(f"{path}: cannot write ({type(e).__name__}: {first_line(e)})") from None
 
 

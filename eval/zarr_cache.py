@@ -33,6 +33,7 @@ from pathlib import Path
 import zarr
 from zarr.storage import LocalStore
 
+from cosettle.core.atomic import naming_failures
 from cosettle.core.errors import first_line
 from cosettle.core.provenance import environment, mismatches, now_utc
 
@@ -97,7 +98,7 @@ class ZarrCache:
     def _create(self) -> None:
         """Build the group aside and rename it into place; if another process won, theirs stands."""
         record = {"key": self.key, "environment": environment(), "created": now_utc()}
-        with self._private("group") as tmp:
+        with self._private("group") as tmp, naming_failures(self.path):
             zarr.open_group(store=LocalStore(tmp), mode="w-", zarr_format=3, attributes={self.attr: record})
             _publish(tmp, self.path)  # lost the race: open the winner's below (its key is checked there)
 
@@ -117,7 +118,7 @@ class ZarrCache:
         found = self.get(name)
         if found is not None:
             return found
-        with self._private("array") as tmp:
+        with self._private("array") as tmp, naming_failures(self.path.joinpath(*parts)):
             array = zarr.create_array(store=LocalStore(tmp), shape=shape, dtype=dtype,
                                       chunks=chunks if chunks is not None else "auto", fill_value=0,
                                       compressors=None)

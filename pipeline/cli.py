@@ -5,6 +5,9 @@ from pathlib import Path
 
 import click
 
+from cosettle.core.atomic import WriteError
+
+from .arch_option import arch_option
 from .backbones import BACKBONES
 from .checkpoints import CheckpointError
 from .clips import FAST_STRIDE, PLANS, SLOW_STRIDE
@@ -85,6 +88,7 @@ def check_layout_options(ctx: click.Context, kw: dict) -> None:
               help="Per-frame pooling (--layout clips); cls needs a class token.")
 @click.option("--slow-stride", default=SLOW_STRIDE, type=click.IntRange(min=1), help="vthcl: frame stride of clip 1.")
 @click.option("--fast-stride", default=FAST_STRIDE, type=click.IntRange(min=1), help="vthcl: frame stride of clip 2.")
+@arch_option
 @click.pass_context
 def main(ctx: click.Context, **kw) -> None:
     """Extract A, B and A_asy patch tokens of --views sampled views per video into a Zarr v3 store,
@@ -95,5 +99,5 @@ def main(ctx: click.Context, **kw) -> None:
     check_layout_options(ctx, kw)
     try:
         extract(ExtractConfig(**kw))
-    except (CheckpointError, StoreError, VideoError, KeyError, ValueError) as e:
+    except (CheckpointError, StoreError, VideoError, WriteError, KeyError, ValueError) as e:
         raise click.ClickException(str(e).strip("'\"")) from None

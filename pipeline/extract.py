@@ -176,7 +176,7 @@ def extract(cfg: ExtractConfig) -> FeatureStore:
     layout = make_layout(cfg, backbone)
     store = create_or_open(cfg.out, layout.settings(videos), videos,
                            resume=cfg.resume, overwrite=cfg.overwrite, join=count > 1)
-    done = store.done()
+    done = store.finished_blocks()
     blocks = [c for c in range(store.num_blocks) if c % count == index and not done[c]]
     todo = [(i, videos[i]) for c in blocks for i in range(*store.block_rows(c))]
     if not todo:

@@ -44,6 +44,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
+from cosettle.core.atomic import naming_failures, write_atomic
+from cosettle.core.errors import first_line
 from cosettle.core.provenance import environment, mismatches, now_utc
 
 from .backbones import ALL, BACKBONES, FINAL_NORM_KEY, final_norm_record
@@ -250,15 +252,14 @@ class FeatureStore:
         """Write one block's ``batch_arrays`` [K, rows, ...], validity and manifest, then mark it done."""
         lo, hi = self.block_rows(block)
         for name in self.batch_arrays:
-            self.group[name][:, lo:hi] = tokens[name]
-        self.group["valid"][lo:hi] = valid
-        mdir = manifest_dir(self.path)
-        mdir.mkdir(exist_ok=True)
-        part = mdir / f"part-{block:06d}.parquet"
-        tmp = part.with_suffix(f".tmp-{uuid.uuid4().hex}")
-        pq.write_table(manifest, tmp)
-        os.replace(tmp, part)  # a reader never sees half a part
-        self.group["done"][block] = 1
+            with naming_failures(self.path / name):  # zarr writes each chunk aside and renames it
+                self.group[name][:, lo:hi] = tokens[name]
+        with naming_failures(self.path / "valid"):
+            self.group["valid"][lo:hi] = valid
+        manifest_dir(self.path).mkdir(exist_ok=True)
+        write_atomic(self.manifest_part(block), lambda tmp: pq.write_table(manifest, tmp))
+        with naming_failures(self.path / "done"):
+            self.group["done"][block] = 1
 
     def mark_complete_if_done(self) -> bool:
         """Record ``complete`` in the attributes once every block is done (idempotent)."""
@@ -268,6 +269,29 @@ class FeatureStore:
             self.meta = dict(self.meta, complete=True, completed=now_utc())
             self.group.attrs[ATTR] = self.meta
         return True
+
+    def manifest_part(self, block: int) -> Path:
+        return manifest_dir(self.path) / f"part-{block:06d}.parquet"
+
+    def finished_blocks(self) -> np.ndarray:
+        """Blocks done and with their manifest part (one whose part was deleted is done again)."""
+        return self.done() & np.array([self.manifest_part(c).is_file() for c in range(self.num_blocks)], dtype=bool)
+
+    def check_manifest(self, missing_ok: bool = False) -> None:
+        """Raise unless the manifest part of every done block reads with its videos x views rows
+        (the parts' footers only); ``missing_ok``: a missing part is left to be done again."""
+        for block in np.flatnonzero(self.done()).tolist():
+            part, (lo, hi) = self.manifest_part(block), self.block_rows(block)
+            if missing_ok and not part.is_file():
+                continue
+            try:
+                rows = pq.read_metadata(part).num_rows
+            except (OSError, ValueError) as e:  # pyarrow: ArrowIOError (OSError), ArrowInvalid (ValueError)
+                raise StoreError(f"{part}: damaged manifest part of block {block} ({first_line(e)}); delete it and "
+                                 f"run cosettle-extract --resume to extract the block again") from None
+            if rows != (hi - lo) * self.settings["views"]:
+                raise StoreError(f"{part}: {rows} manifest rows, block {block} has {(hi - lo) * self.settings['views']} "
+                                 "(videos x views); delete it and run cosettle-extract --resume")
 
     def manifest(self) -> pa.Table:
         """The whole manifest (one row per video and view), in row order."""
@@ -339,6 +363,7 @@ def create_or_open(path: Path, settings: StoreSettings | ClipStoreSettings, vide
             raise StoreError(f"{path}: store is complete; pass --overwrite to rebuild it")
     elif not (resume or join):
         raise StoreError(f"{path}: an unfinished store exists; pass --resume to continue it or --overwrite")
+    store.check_manifest(missing_ok=True)
     return store
 
 
@@ -350,6 +375,7 @@ def open_store(path: Path) -> FeatureStore:
         raise StoreError(f"{path}: no such feature store")
     store = FeatureStore(path, mode="r")
     store.check_complete()
+    store.check_manifest()
     wrong = rule_mismatch(store)
     if wrong:
         raise StoreError(f"{path}: made with other settings ({wrong}, {store.settings['backbone']}'s token rule); "

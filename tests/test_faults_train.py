@@ -39,7 +39,7 @@ def uninterrupted(store, tmp_path_factory) -> tuple[Path, float]:
 def test_killed_at_a_random_point_then_resumed_equals_an_uninterrupted_run(store, uninterrupted, tmp_path, seed):
     want, wall = uninterrupted
     out = tmp_path / "run"
-    run_killed("train", args(store, out), tmp_path / "killed", wall, seed)
+    run_killed("train", args(store, out), tmp_path / "killed", wall, seed, [out])
     result = run("train", args(store, out), tmp_path / "resumed")
     assert result.code == 0, result.stderr
     assert_same_run(out, want)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from cosettle.core.atomic import write_atomic
 from cosettle.eval.frame.davis_metrics import db_statistics, f_measure, jaccard
 from cosettle.eval.frame.palette import read_indexed_png
 
@@ -118,15 +119,18 @@ def _per_sequence(objects: list[dict]) -> list[dict]:
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    write_atomic(path, write)
 
 
 def _write(out: Path, summary: dict, objects: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_atomic(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
     _write_csv(out / "per_object.csv", objects)
     _write_csv(out / "per_sequence.csv", _per_sequence(objects))
 
