@@ -3,11 +3,12 @@ writer never leaves one; a write that fails (a full disk, a quota) is a ``WriteE
 file, and the file it would have replaced stays as it was."""
 from __future__ import annotations
 
+import csv
 import errno
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -57,6 +58,17 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def write_csv(path: Path, rows: Iterable[Sequence]) -> Path:
+    """Rows (the header first) as CSV, written atomically."""
+    rows = list(rows)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows(rows)
+
+    return write_atomic(path, write)
 
 
 def write_json(path: Path, obj: object, sort_keys: bool = True) -> Path:
