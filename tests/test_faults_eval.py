@@ -1,6 +1,7 @@
 """cosettle-eval (DAVIS label propagation) under faults: killed at random points and rerun, a full
 disk, and two evaluations of one backbone writing one results folder and one cache at once."""
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -91,4 +92,20 @@ def test_two_evaluations_at_once_give_the_result_of_one(davis_root, uninterrupte
     for i, proc in enumerate(procs):
         result = finish(proc, tmp_path / f"e{i}", now)
         assert result.code == 0, result.stderr
+    assert_same_results(out, cache, want, want_cache)
+
+
+def test_truncated_cache_chunk_is_one_line_naming_it_and_deleting_its_entry_recomputes_it(davis_root, uninterrupted,
+                                                                                         tmp_path):
+    want, want_cache, _ = uninterrupted
+    out, cache = tmp_path / "out", tmp_path / "cache.zarr"
+    shutil.copytree(want_cache, cache)
+    entry = cache / "davis" / "480p" / "car"
+    chunk = entry / "c" / "3" / "0" / "0" / "0"  # frame 3's features
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    line = assert_one_line_error(run("eval", args(davis_root, out, cache), tmp_path / "damaged"), str(chunk))
+    assert "damaged cache chunk" in line and f"delete {entry} to compute it again" in line
+    shutil.rmtree(entry)
+    result = run("eval", args(davis_root, out, cache), tmp_path / "rerun")
+    assert result.code == 0, result.stderr
     assert_same_results(out, cache, want, want_cache)
