@@ -1,5 +1,6 @@
 """cosettle-train under faults: killed at random points and resumed, a damaged store, a full disk."""
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import pytest
 from fault_harness import assert_one_line_error, assert_same_run, finish, run, run_killed, start
 
-from cosettle.trainer.run_dir import RunDir
+from cosettle.trainer.run_dir import RunDir, RunError
 from cosettle.trainer.synthetic import write_synthetic_store
 
 SEEDS = (0, 1, 2)
@@ -99,3 +100,15 @@ def test_two_writers_started_at_once_give_the_result_of_one(store, uninterrupted
             assert_one_line_error(result, f"{out}: run dir is being written by pid {other.pid}")
     assert any(r.code == 0 for r in results)
     assert_same_run(out, want)
+
+
+def test_a_metric_line_cut_short_is_dropped_and_a_damaged_one_is_an_error(tmp_path):
+    """A kill during an append leaves a last line without its newline (always past the last
+    checkpoint, so resuming drops it anyway); anything else unreadable names the log."""
+    run_dir = RunDir(tmp_path)
+    log = tmp_path / "metrics_steps.jsonl"
+    log.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    assert run_dir.records("metrics_steps.jsonl") == [{"step": 1, "loss": 2.0}]
+    log.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n')
+    with pytest.raises(RunError, match=f"^{re.escape(str(log))}: damaged metric log"):
+        run_dir.records("metrics_steps.jsonl")
