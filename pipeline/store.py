@@ -282,8 +282,11 @@ class FeatureStore:
         (the parts' footers only); ``missing_ok``: a missing part is left to be done again."""
         for block in np.flatnonzero(self.done()).tolist():
             part, (lo, hi) = self.manifest_part(block), self.block_rows(block)
-            if missing_ok and not part.is_file():
-                continue
+            if not part.is_file():
+                if missing_ok:
+                    continue
+                raise StoreError(f"{part}: the manifest part of finished block {block} is missing; run "
+                                 "cosettle-extract --resume to extract the block again")
             try:
                 rows = pq.read_metadata(part).num_rows
             except (OSError, ValueError) as e:  # pyarrow: ArrowIOError (OSError), ArrowInvalid (ValueError)

@@ -7,13 +7,18 @@
   RNG state, tensors and plain containers only) and ``checkpoints/LATEST`` naming the newest.
 - ``projection.safetensors``: the final weights; ``training.png``: loss and cycle accuracy.
 - ``summary.json``: written last; its presence marks the run finished.
-- ``.lock``: held (``fcntl.flock``) by the one process writing the run, for its whole life, and
-  holding its pid; a second writer is refused with a RunError naming that pid. The kernel drops
-  the lock when its process dies, however it dies, so a killed run can be resumed at once.
+
+Beside it, ``runs/.NAME.lock``: held (``fcntl.flock``) by the one process writing the run, for its
+whole life, and holding its pid; a second writer is refused with a RunError naming that pid. The
+kernel drops the lock when its process dies, however it dies, so a killed run can be resumed at
+once. It lives outside the run, so refusing bad stores creates no run directory, and
+``--overwrite`` deletes the run but not its lock file (a new file would let a second writer lock
+it while the first still holds the old one).
+
 Every file is written aside and renamed into place, so an interrupted run never leaves half a file;
 the metric logs are appended line by line, and a last line without its newline (an append cut
-short) is dropped when read: it is always past the last checkpoint. Hidden entries (the lock, the
-aside files of interrupted writes) do not count as content of the directory.
+short) is dropped when read: it is always past the last checkpoint. Hidden entries (the aside
+files of interrupted writes) do not count as content of the directory.
 """
 from __future__ import annotations
 
@@ -39,7 +44,6 @@ PLOT_FILE = "training.png"
 STEPS_FILE = "metrics_steps.jsonl"
 EPOCHS_FILE = "metrics_epochs.jsonl"
 STATE_FILE = "state.pt"
-LOCK_FILE = ".lock"
 
 
 class RunError(Exception):
@@ -94,15 +98,20 @@ class RunDir:
     def finished(self) -> bool:
         return self.file(SUMMARY_FILE).is_file()
 
+    @property
+    def lock_file(self) -> Path:
+        path = self.path.resolve()  # "." has no name to put beside it
+        return path.with_name(f".{path.name}.lock")
+
     def content(self) -> list[Path]:
-        """The entries of the directory apart from hidden ones (the lock, aside files)."""
+        """The entries of the directory apart from hidden ones (aside files of interrupted writes)."""
         return [p for p in self.path.iterdir() if not p.name.startswith(".")] if self.path.is_dir() else []
 
     @contextmanager
     def writing(self) -> Iterator[None]:
         """Hold the run's lock file while this process writes the run (see the module docstring)."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.file(LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -136,10 +145,10 @@ class RunDir:
             raise RunError(f"{self.path}: cannot resume, the run was made with other settings ({'; '.join(diff)})")
 
     def start(self, config: dict, *, overwrite: bool) -> None:
-        """Create (or, with ``overwrite``, empty) the directory and write the config if new: the
-        config first, so a directory with content always has one. The lock file stays."""
-        for entry in self.content() if overwrite else []:
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        """Create (or, with ``overwrite``, recreate) the directory and write the config if new: the
+        config first, so a directory with content always has one."""
+        if overwrite and self.path.exists():
+            shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         if not self.file(CONFIG_FILE).is_file():
             write_json(self.file(CONFIG_FILE), config)
