@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from cosettle.eval.cli_options import one_line_message, parse_arch
+from cosettle.eval.cli_options import one_line_message
+from cosettle.pipeline.arch_option import arch_option
 from cosettle.pipeline.backbones import BACKBONES
 from cosettle.pipeline.checkpoints import CheckpointError
 from cosettle.trainer.projection import ProjectionError
@@ -28,7 +29,7 @@ def _fail(e: Exception) -> click.ClickException:
 @click.option("--weights", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="The base checkpoint (official file): checked to hold the same encoder; its sha256 ties the run to it.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
-@click.option("--arch", default=None, callback=parse_arch, hidden=True, help="JSON of timm architecture overrides (tests).")
+@arch_option
 def import_release_command(release: Path, backbone: str, out: Path, weights: Path | None, overwrite: bool,
                            arch: dict | None) -> None:
     """Read a Co-Settle release file (weights_only, argparse.Namespace allowed) into a cosettle run."""
@@ -50,7 +51,7 @@ def import_release_command(release: Path, backbone: str, out: Path, weights: Pat
               help="The run's base checkpoint (official file): its encoder goes into the release's 'model'.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The release file to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
-@click.option("--arch", default=None, callback=parse_arch, hidden=True, help="JSON of timm architecture overrides (tests).")
+@arch_option
 def export_release_command(run_dir: Path, weights: Path, out: Path, overwrite: bool, arch: dict | None) -> None:
     """Write a Co-Settle run as a release file in the authors' format (model/optimizer/epoch/scaler/args)."""
     try:

@@ -28,7 +28,8 @@ from typing import Any
 from cosettle.core.provenance import digest, mismatches, package_version, sha256_file
 from cosettle.eval.task import TaskContext, discover
 from cosettle.pipeline.extract import ExtractConfig
-from cosettle.pipeline.store import FeatureStore, StoreError, videos_digest
+from cosettle.pipeline.store import FeatureStore, StoreError
+from cosettle.pipeline.store_settings import videos_digest
 from cosettle.pipeline.videos import discover_videos
 from cosettle.trainer.config import TrainConfig
 from cosettle.trainer.objective import get_objective

@@ -33,7 +33,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 
 from cosettle.pipeline.extract import ExtractConfig, extract
 from cosettle.pipeline.quant import dequantize, quantize
-from cosettle.pipeline.store import TOKEN_ARRAYS
+from cosettle.pipeline.store_settings import TOKEN_ARRAYS
 from cosettle.pipeline.synthetic import moving_scene, write_frame_folder, write_video_file
 
 

@@ -25,7 +25,8 @@ import torch
 from PIL import Image
 
 from cosettle.pipeline.backbones import load_backbone
-from cosettle.pipeline.store import TOKEN_ARRAYS, open_store
+from cosettle.pipeline.store import open_store
+from cosettle.pipeline.store_settings import TOKEN_ARRAYS
 from cosettle.pipeline.transforms import apply_view
 from cosettle.pipeline.videos import open_video
 from cosettle.pipeline.views import sample_views, video_rng

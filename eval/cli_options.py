@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import click
 
+from cosettle.core.atomic import WriteError
 from cosettle.core.errors import first_line
 from cosettle.core.listfiles import ListFileError
 from cosettle.eval.frame.datasets import DatasetError
 from cosettle.eval.frame.features import CacheError
 from cosettle.eval.video.datasets import ActionDataError
+from cosettle.pipeline.arch_option import arch_option
 from cosettle.pipeline.backbones import BACKBONES
 from cosettle.pipeline.checkpoints import CheckpointError
 from cosettle.pipeline.text_tower import TextTowerError
@@ -20,7 +21,7 @@ from cosettle.pipeline.videos import VideoError
 from cosettle.trainer.projection import ProjectionError
 
 ERRORS = (DatasetError, ActionDataError, TextTowerError, CacheError, CheckpointError, ProjectionError, VideoError,
-          ListFileError, FileNotFoundError, ValueError, KeyError)
+          ListFileError, WriteError, FileNotFoundError, ValueError, KeyError)
 CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"]}
 
 
@@ -41,19 +42,6 @@ def one_line_message(error: Exception) -> str:
     return first_line(ValueError(str(message)))
 
 
-def parse_arch(ctx, param, value):
-    """Click callback: the hidden --arch JSON object of timm architecture overrides (tiny test models)."""
-    if value is None:
-        return None
-    try:
-        arch = json.loads(value)
-    except json.JSONDecodeError as e:
-        raise click.BadParameter(f"not JSON ({e})") from None
-    if not isinstance(arch, dict):
-        raise click.BadParameter("must be a JSON object")
-    return arch
-
-
 def backbone_options(fn: Callable, required: bool = True, batch_size: int = 8) -> Callable:
     """--backbone, --weights, --projection, --device, --batch-size and the hidden --arch."""
     options = [
@@ -62,8 +50,7 @@ def backbone_options(fn: Callable, required: bool = True, batch_size: int = 8) -
         click.option("--projection", default="none", help="'none' (frozen backbone), a cosettle-train run directory, or a Co-Settle release file (checkpoint-4.pth)."),
         click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N."),
         click.option("--batch-size", default=batch_size, type=click.IntRange(min=1), help="Frames per backbone forward pass."),
-        click.option("--arch", default=None, callback=parse_arch, hidden=True,
-                     help="JSON of timm architecture overrides (tiny test models)."),
+        arch_option,
     ]
     for option in reversed(options):
         fn = option(fn)

@@ -30,11 +30,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
+from cosettle.core.atomic import naming_failures
 from cosettle.core.errors import first_line
 from cosettle.core.provenance import environment, mismatches, now_utc
+
+READ_ERRORS = (ValueError, RuntimeError, OSError)  # zarr reports a damaged chunk as the decode step that failed
 
 
 class CacheError(Exception):
@@ -97,7 +101,7 @@ class ZarrCache:
     def _create(self) -> None:
         """Build the group aside and rename it into place; if another process won, theirs stands."""
         record = {"key": self.key, "environment": environment(), "created": now_utc()}
-        with self._private("group") as tmp:
+        with self._private("group") as tmp, naming_failures(self.path):
             zarr.open_group(store=LocalStore(tmp), mode="w-", zarr_format=3, attributes={self.attr: record})
             _publish(tmp, self.path)  # lost the race: open the winner's below (its key is checked there)
 
@@ -109,6 +113,22 @@ class ZarrCache:
             raise CacheError(f"{self.path}: {name} is a group, not a cache entry")
         return node
 
+    def read(self, array: zarr.Array, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        """Rows [lo, hi) of a published entry; a damaged chunk file is a CacheError naming it."""
+        try:
+            return array[lo:hi]
+        except READ_ERRORS as e:
+            error = e
+        step = array.chunks[0]
+        for first in range(lo - lo % step, array.shape[0] if hi is None else hi, step):  # find the chunk
+            try:
+                array[first : first + step]
+            except READ_ERRORS as e:
+                key = array.metadata.encode_chunk_key((first // step,) + (0,) * (array.ndim - 1))
+                raise CacheError(f"{self.path / array.path / key}: damaged cache chunk ({first_line(e)}); "
+                                 f"delete {self.path / array.path} to compute it again") from None
+        raise CacheError(f"{self.path / array.path}: unreadable cache entry ({first_line(error)})")
+
     def put(self, name: str, shape: tuple, dtype: str, fill: Callable[[zarr.Array], None], attrs: dict,
             chunks: tuple | None = None) -> zarr.Array:
         """Fill a private array, set ``attrs``, publish it as ``name``; an entry published first by
@@ -117,7 +137,7 @@ class ZarrCache:
         found = self.get(name)
         if found is not None:
             return found
-        with self._private("array") as tmp:
+        with self._private("array") as tmp, naming_failures(self.path.joinpath(*parts)):
             array = zarr.create_array(store=LocalStore(tmp), shape=shape, dtype=dtype,
                                       chunks=chunks if chunks is not None else "auto", fill_value=0,
                                       compressors=None)

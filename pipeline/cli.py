@@ -5,6 +5,9 @@ from pathlib import Path
 
 import click
 
+from cosettle.core.atomic import WriteError
+
+from .arch_option import arch_option
 from .backbones import BACKBONES
 from .checkpoints import CheckpointError
 from .clips import FAST_STRIDE, PLANS, SLOW_STRIDE
@@ -12,7 +15,8 @@ from .dry_run import dry_run_report
 from .extract import AMP_DTYPES, ExtractConfig, extract
 from .extract_config import LAYOUTS
 from .pooling import POOLINGS
-from .store import COMPRESSORS, DTYPES, StoreError
+from .store import StoreError
+from .store_settings import COMPRESSORS, DTYPES
 from .videos import VideoError
 
 CLIPS_ONLY = ("plan", "clip_frames", "levels", "pooling", "slow_stride", "fast_stride")
@@ -90,6 +94,7 @@ def check_layout_options(ctx: click.Context, kw: dict) -> None:
 @click.option("--fast-stride", default=FAST_STRIDE, type=click.IntRange(min=1), help="vthcl: frame stride of clip 2.")
 @click.option("--dry-run", is_flag=True,
               help="Print the store's size, chunk count and an estimated time (one timed video); write nothing.")
+@arch_option
 @click.pass_context
 def main(ctx: click.Context, dry_run: bool, **kw) -> None:
     """Extract A, B and A_asy patch tokens of --views sampled views per video into a Zarr v3 store,
@@ -106,5 +111,5 @@ def main(ctx: click.Context, dry_run: bool, **kw) -> None:
                 click.echo(warning, err=True)
             return
         extract(ExtractConfig(**kw))
-    except (CheckpointError, StoreError, VideoError, KeyError, ValueError) as e:
+    except (CheckpointError, StoreError, VideoError, WriteError, KeyError, ValueError) as e:
         raise click.ClickException(str(e).strip("'\"")) from None

@@ -16,7 +16,7 @@ from .backbones import Backbone
 from .clips import LABELS, ClipPair, plan_params, sample_pairs
 from .extract_config import ExtractConfig
 from .pooling import pooled_dim
-from .store import ClipStoreSettings, videos_digest
+from .store_settings import ClipStoreSettings, videos_digest
 from .transforms import apply_clip, squash
 from .videos import VideoError, open_video
 from .views import CROP_RATIO, CROP_SCALE, video_rng

@@ -25,7 +25,8 @@ from cosettle.core.devices import resolve_device
 from .backbones import Backbone, load_backbone
 from .clip_extract import ClipsLayout
 from .extract_config import AMP_DTYPES, ExtractConfig, check_config
-from .store import TOKEN_ARRAYS, FeatureStore, StoreSettings, create_or_open, videos_digest
+from .store import FeatureStore, create_or_open
+from .store_settings import TOKEN_ARRAYS, StoreSettings, videos_digest
 from .transforms import apply_view
 from .videos import VideoError, discover_videos, open_video
 from .views import CROP_RATIO, CROP_SCALE, View, sample_views, video_rng
@@ -176,7 +177,7 @@ def extract(cfg: ExtractConfig) -> FeatureStore:
     layout = make_layout(cfg, backbone)
     store = create_or_open(cfg.out, layout.settings(videos), videos,
                            resume=cfg.resume, overwrite=cfg.overwrite, join=count > 1)
-    done = store.done()
+    done = store.finished_blocks()
     blocks = [c for c in range(store.num_blocks) if c % count == index and not done[c]]
     todo = [(i, videos[i]) for c in blocks for i in range(*store.block_rows(c))]
     if not todo:

@@ -9,7 +9,7 @@ import torch
 from .clips import FAST_STRIDE, PLANS, SLOW_STRIDE
 from .pooling import POOLINGS
 from .quant import DTYPE as INT8
-from .store import DTYPES
+from .store_settings import DTYPES
 from .views import CLIP_GAP
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}

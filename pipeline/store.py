@@ -31,151 +31,28 @@ A store of ``dtype: "int8"`` (either layout) holds each token array as int8 code
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import uuid
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import ClassVar, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
+from cosettle.core.atomic import naming_failures, write_atomic
+from cosettle.core.errors import first_line
 from cosettle.core.provenance import environment, mismatches, now_utc
 
-from .backbones import ALL, BACKBONES, FINAL_NORM_KEY, final_norm_record
-from .clips import LABELS
-from .quant import DTYPE as INT8
-from .quant import SCALE_DTYPE, dequantize, quantize, scale_name
+from .backbones import ALL, BACKBONES, FINAL_NORM_KEY
+from .quant import dequantize, quantize, scale_name
+from .store_settings import COMPRESSORS, LAYOUT_ARRAYS, ClipStoreSettings, StoreSettings
 
 FORMAT = 1
 ATTR = "cosettle_store"
-TOKEN_ARRAYS = ("a", "b", "a_asy")  # the batch arrays of a views store
-CLIP_ARRAYS = ("tokens", "labels")  # the batch arrays of a clips store
-LAYOUT_ARRAYS = {"views": TOKEN_ARRAYS, "clips": CLIP_ARRAYS}
-# bench/store_codecs.py: zstd-shuffle compresses float16 and int8 tokens best, zstd (bitshuffle) hardly int8;
-# none stays the default, as every codec saving >5% decoded at under 0.66x raw chunks' rate per CPU second.
-COMPRESSORS = ("none", "zstd", "lz4", "zstd-shuffle")
-DTYPES = ("float16", "float32", INT8)
-
-
-class ArraySpec(NamedTuple):
-    """One per-view array of a layout: [views, videos, ...] chunked [1, chunk_videos, ...]."""
-
-    shape: tuple
-    chunks: tuple
-    dtype: str
-    fill_value: int
-    dimension_names: tuple
-
-
 class StoreError(Exception):
     """A store that cannot be used as asked; the message names the store and the problem."""
-
-
-@dataclass(frozen=True)
-class StoreSettings:
-    """Everything that determines a store's content; writers and readers must agree on all of it."""
-
-    backbone: str
-    weights: str
-    weights_sha256: str
-    image_size: int
-    grid: int
-    dim: int
-    dtype: str
-    views: int
-    clip_gap: float
-    crop_scale: tuple[float, float]
-    crop_ratio: tuple[float, float]
-    asy_ratio: float
-    seed: int
-    num_videos: int
-    videos_sha256: str
-    chunk_videos: int
-    compressor: str
-    final_norm: str = ALL  # the backbone's token rule; recorded only when not "all"
-    layout: ClassVar[str] = "views"  # not recorded: a store without ``layout`` is a views store
-
-    def as_dict(self) -> dict:
-        d = asdict(self)
-        d["crop_scale"], d["crop_ratio"] = list(self.crop_scale), list(self.crop_ratio)
-        del d[FINAL_NORM_KEY]
-        return d | final_norm_record(self.final_norm)
-
-    @property
-    def tokens(self) -> int:
-        return self.grid * self.grid
-
-    @property
-    def num_blocks(self) -> int:
-        return -(-self.num_videos // self.chunk_videos)
-
-    def arrays(self) -> dict[str, ArraySpec]:
-        spec = ArraySpec((self.views, self.num_videos, self.tokens, self.dim),
-                         (1, self.chunk_videos, self.tokens, self.dim), self.dtype, 0,
-                         ("view", "video", "token", "channel"))
-        return with_scales(dict.fromkeys(TOKEN_ARRAYS, spec))
-
-
-@dataclass(frozen=True)
-class ClipStoreSettings:
-    """The settings of a clips store (``layout: "clips"``); ``plan_params`` are recorded flat."""
-
-    backbone: str
-    weights: str
-    weights_sha256: str
-    image_size: int
-    depth: int  # blocks of the backbone
-    backbone_dim: int  # D, the token width
-    plan: str
-    plan_params: dict
-    frames: int  # T
-    levels: tuple[int, ...]  # 1-based block indices
-    pooling: str
-    dim: int  # D', the pooled width
-    dtype: str
-    views: int  # K, pairs per video
-    crop_scale: tuple[float, float]
-    crop_ratio: tuple[float, float]
-    seed: int
-    num_videos: int
-    videos_sha256: str
-    chunk_videos: int
-    compressor: str
-    final_norm: str = ALL  # the backbone's token rule; recorded only when not "all"
-    layout: ClassVar[str] = "clips"
-
-    def as_dict(self) -> dict:
-        d = {"layout": self.layout, **asdict(self)}
-        params = json.loads(json.dumps(d.pop("plan_params")))  # tuples -> lists, as read back
-        d["levels"], d["crop_scale"], d["crop_ratio"] = list(self.levels), list(self.crop_scale), list(self.crop_ratio)
-        del d[FINAL_NORM_KEY]
-        return {**d, **params, **final_norm_record(self.final_norm)}
-
-    @property
-    def num_blocks(self) -> int:
-        return -(-self.num_videos // self.chunk_videos)
-
-    def arrays(self) -> dict[str, ArraySpec]:
-        k, v, c, t, n = self.views, self.num_videos, self.chunk_videos, self.frames, len(self.levels)
-        return with_scales({
-            "tokens": ArraySpec((k, v, 2, t, n, self.dim), (1, c, 2, t, n, self.dim), self.dtype, 0,
-                                ("view", "video", "clip", "frame", "level", "channel")),
-            "labels": ArraySpec((k, v, len(LABELS)), (1, c, len(LABELS)), "int16", -1, ("view", "video", "label")),
-        })
-
-
-def with_scales(arrays: dict[str, ArraySpec]) -> dict[str, ArraySpec]:
-    """``arrays`` and, for each int8 token array, its per-token scale array (trailing dimension 1)."""
-    scales = {scale_name(name): spec._replace(shape=spec.shape[:-1] + (1,), chunks=spec.chunks[:-1] + (1,),
-                                              dtype=np.dtype(SCALE_DTYPE).name)
-              for name, spec in arrays.items() if spec.dtype == INT8}
-    return arrays | scales
 
 
 def token_rule(settings: dict) -> str:
@@ -191,11 +68,6 @@ def rule_mismatch(store: FeatureStore) -> str | None:
     if spec is None or found == spec.final_norm:
         return None
     return f"{FINAL_NORM_KEY}: expected {spec.final_norm!r}, found {found!r}"
-
-
-def videos_digest(videos: list[str]) -> str:
-    """sha256 of the ordered video list: two stores of the same list have the same digest."""
-    return hashlib.sha256("\n".join(videos).encode("utf-8")).hexdigest()
 
 
 def manifest_dir(path: Path) -> Path:
@@ -268,30 +140,38 @@ class FeatureStore:
     def read(self, name: str, view: int, lo: int, hi: int) -> np.ndarray:
         """Rows [lo, hi) of batch array ``name`` at ``view`` as readers use them: the int8 tokens of an
         int8 store decoded to float32 (``quant.dequantize``), every other array as stored."""
-        values = self.array(name)[view, lo:hi]
+        values = self._read_rows(name, view, lo, hi)
         if values.dtype != np.int8:
             return values
-        return dequantize(values, self.array(scale_name(name))[view, lo:hi])
+        return dequantize(values, self._read_rows(scale_name(name), view, lo, hi))
+
+    def _read_rows(self, name: str, view: int, lo: int, hi: int) -> np.ndarray:
+        arr = self.array(name)
+        try:
+            return arr[view, lo:hi]
+        except (ValueError, RuntimeError, OSError) as e:  # zarr names the decode step that failed, not the file
+            key = arr.metadata.encode_chunk_key((view, lo // self.settings["chunk_videos"]) + (0,) * (arr.ndim - 2))
+            raise StoreError(f"{self.path / name / key}: damaged chunk, cannot be read ({first_line(e)}); "
+                             "extract the store again") from None
 
     def write_block(self, block: int, tokens: dict[str, np.ndarray], valid: np.ndarray, manifest: pa.Table) -> None:
         """Write one block's ``batch_arrays`` [K, rows, ...] (float tokens, quantised here for an int8
         store), validity and manifest, then mark it done."""
         lo, hi = self.block_rows(block)
         for name in self.batch_arrays:
-            if self.array(name).dtype == np.int8:
-                codes, scales = quantize(tokens[name])
-                self.array(scale_name(name))[:, lo:hi] = scales
-                self.array(name)[:, lo:hi] = codes
-            else:
-                self.array(name)[:, lo:hi] = tokens[name]
-        self.group["valid"][lo:hi] = valid
-        mdir = manifest_dir(self.path)
-        mdir.mkdir(exist_ok=True)
-        part = mdir / f"part-{block:06d}.parquet"
-        tmp = part.with_suffix(f".tmp-{uuid.uuid4().hex}")
-        pq.write_table(manifest, tmp)
-        os.replace(tmp, part)  # a reader never sees half a part
-        self.group["done"][block] = 1
+            with naming_failures(self.path / name):  # zarr writes each chunk aside and renames it
+                if self.array(name).dtype == np.int8:
+                    codes, scales = quantize(tokens[name])
+                    self.array(scale_name(name))[:, lo:hi] = scales
+                    self.array(name)[:, lo:hi] = codes
+                else:
+                    self.array(name)[:, lo:hi] = tokens[name]
+        with naming_failures(self.path / "valid"):
+            self.group["valid"][lo:hi] = valid
+        manifest_dir(self.path).mkdir(exist_ok=True)
+        write_atomic(self.manifest_part(block), lambda tmp: pq.write_table(manifest, tmp))
+        with naming_failures(self.path / "done"):
+            self.group["done"][block] = 1
 
     def mark_complete_if_done(self) -> bool:
         """Record ``complete`` in the attributes once every block is done (idempotent)."""
@@ -301,6 +181,32 @@ class FeatureStore:
             self.meta = dict(self.meta, complete=True, completed=now_utc())
             self.group.attrs[ATTR] = self.meta
         return True
+
+    def manifest_part(self, block: int) -> Path:
+        return manifest_dir(self.path) / f"part-{block:06d}.parquet"
+
+    def finished_blocks(self) -> np.ndarray:
+        """Blocks done and with their manifest part (one whose part was deleted is done again)."""
+        return self.done() & np.array([self.manifest_part(c).is_file() for c in range(self.num_blocks)], dtype=bool)
+
+    def check_manifest(self, missing_ok: bool = False) -> None:
+        """Raise unless the manifest part of every done block reads with its videos x views rows
+        (the parts' footers only); ``missing_ok``: a missing part is left to be done again."""
+        for block in np.flatnonzero(self.done()).tolist():
+            part, (lo, hi) = self.manifest_part(block), self.block_rows(block)
+            if not part.is_file():
+                if missing_ok:
+                    continue
+                raise StoreError(f"{part}: the manifest part of finished block {block} is missing; run "
+                                 "cosettle-extract --resume to extract the block again")
+            try:
+                rows = pq.read_metadata(part).num_rows
+            except (OSError, ValueError) as e:  # pyarrow: ArrowIOError (OSError), ArrowInvalid (ValueError)
+                raise StoreError(f"{part}: damaged manifest part of block {block} ({first_line(e)}); delete it and "
+                                 f"run cosettle-extract --resume to extract the block again") from None
+            if rows != (hi - lo) * self.settings["views"]:
+                raise StoreError(f"{part}: {rows} manifest rows, block {block} has {(hi - lo) * self.settings['views']} "
+                                 "(videos x views); delete it and run cosettle-extract --resume")
 
     def manifest(self) -> pa.Table:
         """The whole manifest (one row per video and view), in row order."""
@@ -382,6 +288,7 @@ def create_or_open(path: Path, settings: StoreSettings | ClipStoreSettings, vide
             raise StoreError(f"{path}: store is complete; pass --overwrite to rebuild it")
     elif not (resume or join):
         raise StoreError(f"{path}: an unfinished store exists; pass --resume to continue it or --overwrite")
+    store.check_manifest(missing_ok=True)
     return store
 
 
@@ -393,6 +300,7 @@ def open_store(path: Path) -> FeatureStore:
         raise StoreError(f"{path}: no such feature store")
     store = FeatureStore(path, mode="r")
     store.check_complete()
+    store.check_manifest()
     wrong = rule_mismatch(store)
     if wrong:
         raise StoreError(f"{path}: made with other settings ({wrong}, {store.settings['backbone']}'s token rule); "

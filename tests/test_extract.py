@@ -12,7 +12,8 @@ from PIL import Image
 from cosettle.pipeline import cli
 from cosettle.pipeline.backbones import load_backbone
 from cosettle.pipeline.extract import ExtractConfig, extract
-from cosettle.pipeline.store import TOKEN_ARRAYS, FeatureStore, StoreError, manifest_dir, open_store
+from cosettle.pipeline.store import FeatureStore, StoreError, manifest_dir, open_store
+from cosettle.pipeline.store_settings import TOKEN_ARRAYS
 from cosettle.pipeline.synthetic import moving_scene, write_frame_folder, write_video_file
 from cosettle.pipeline.transforms import apply_view
 from cosettle.pipeline.views import View

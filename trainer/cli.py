@@ -7,6 +7,7 @@ from typing import Callable
 
 import click
 
+from cosettle.core.atomic import WriteError
 from cosettle.pipeline.store import StoreError
 
 from .config import TrainConfig, flag
@@ -62,7 +63,7 @@ def main(**options) -> None:
         raise click.UsageError(str(e)) from None
     try:
         summary = train(cfg)
-    except (StoreError, RunError, TrainingError, ProjectionError) as e:
+    except (StoreError, RunError, TrainingError, ProjectionError, WriteError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
     if summary is not None:

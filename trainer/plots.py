@@ -6,6 +6,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from cosettle.core.atomic import write_atomic  # noqa: E402
+
 from .run_dir import EPOCHS_FILE, PLOT_FILE, STEPS_FILE, RunDir  # noqa: E402
 
 LABELS = {"acc": "cycle accuracy"}  # Co-Settle logs its cycle accuracy as "acc"
@@ -27,8 +29,7 @@ def plot_run(run: RunDir) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    path = run.file(PLOT_FILE)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        write_atomic(run.file(PLOT_FILE), lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)

@@ -7,19 +7,34 @@
   RNG state, tensors and plain containers only) and ``checkpoints/LATEST`` naming the newest.
 - ``projection.safetensors``: the final weights; ``training.png``: loss and cycle accuracy.
 - ``summary.json``: written last; its presence marks the run finished.
-Every file is written aside and renamed into place, so an interrupted run never leaves half a file.
+
+Beside it, ``runs/.NAME.lock``: held (``fcntl.flock``) by the one process writing the run, for its
+whole life, and holding its pid; a second writer is refused with a RunError naming that pid. The
+kernel drops the lock when its process dies, however it dies, so a killed run can be resumed at
+once. It lives outside the run, so refusing bad stores creates no run directory, and
+``--overwrite`` deletes the run but not its lock file (a new file would let a second writer lock
+it while the first still holds the old one).
+
+Every file is written aside and renamed into place, so an interrupted run never leaves half a file;
+the metric logs are appended line by line, and a last line without its newline (an append cut
+short) is dropped when read: it is always past the last checkpoint. Hidden entries (the aside
+files of interrupted writes) do not count as content of the directory.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from cosettle.core.atomic import aside, write_atomic, write_json
+from cosettle.core.atomic import aside, naming_failures, write_atomic, write_json
 from cosettle.core.provenance import mismatches
 
 CONFIG_FILE = "config.json"
@@ -59,6 +74,16 @@ def read_json(path: Path) -> dict:
     return obj
 
 
+def _holder(fd: int) -> str:
+    """The pid a lock holder wrote into the lock file (it writes it just after locking: wait a little)."""
+    for _ in range(50):
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if pid:
+            return pid
+        time.sleep(0.02)
+    return "unknown"
+
+
 class RunDir:
     """One run directory (see the module docstring for the layout)."""
 
@@ -73,9 +98,35 @@ class RunDir:
     def finished(self) -> bool:
         return self.file(SUMMARY_FILE).is_file()
 
+    @property
+    def lock_file(self) -> Path:
+        path = self.path.resolve()  # "." has no name to put beside it
+        return path.with_name(f".{path.name}.lock")
+
+    def content(self) -> list[Path]:
+        """The entries of the directory apart from hidden ones (aside files of interrupted writes)."""
+        return [p for p in self.path.iterdir() if not p.name.startswith(".")] if self.path.is_dir() else []
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the run's lock file while this process writes the run (see the module docstring)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunError(f"{self.path}: run dir is being written by pid {_holder(fd)}; "
+                               "wait for it to end or use another --out") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)
+
     def check(self, identity: dict, *, resume: bool, overwrite: bool) -> None:
         """Refuse a directory this run must not use (read-only; every DDP rank runs it)."""
-        if overwrite or not self.path.exists() or not any(self.path.iterdir()):
+        if overwrite or not self.content():
             return
         if not self.file(CONFIG_FILE).is_file():
             raise RunError(f"{self.path}: exists and is not a cosettle-train run; choose another --out or pass --overwrite")
@@ -94,12 +145,14 @@ class RunDir:
             raise RunError(f"{self.path}: cannot resume, the run was made with other settings ({'; '.join(diff)})")
 
     def start(self, config: dict, *, overwrite: bool) -> None:
-        """Create (or, with ``overwrite``, recreate) the directory and write the config if new."""
+        """Create (or, with ``overwrite``, recreate) the directory and write the config if new: the
+        config first, so a directory with content always has one."""
         if overwrite and self.path.exists():
             shutil.rmtree(self.path)
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        self.path.mkdir(parents=True, exist_ok=True)
         if not self.file(CONFIG_FILE).is_file():
             write_json(self.file(CONFIG_FILE), config)
+        self.checkpoints.mkdir(exist_ok=True)
 
     def config(self) -> dict:
         """The run's config.json."""
@@ -107,14 +160,21 @@ class RunDir:
 
     # -- metrics -------------------------------------------------------------------------------
     def append(self, name: str, record: dict) -> None:
-        with open(self.file(name), "a") as f:
+        with naming_failures(self.file(name)), open(self.file(name), "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def records(self, name: str) -> list[dict]:
+        """The records of a metric log; a last line cut short by a crash is left out."""
         path = self.file(name)
         if not path.is_file():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        lines = path.read_text().splitlines(keepends=True)
+        if lines and not lines[-1].endswith("\n"):
+            lines.pop()
+        try:
+            return [json.loads(line) for line in lines if line.strip()]
+        except ValueError as e:
+            raise RunError(f"{path}: damaged metric log ({e})") from None
 
     def truncate_metrics(self, step: int) -> None:
         """Drop metric lines past ``step`` (written after the checkpoint a resumed run starts from)."""
@@ -140,7 +200,7 @@ class RunDir:
         tmp = aside(final)
         tmp.mkdir()
         save_weights(tmp / WEIGHTS_FILE, weights, metadata)
-        torch.save(state, tmp / STATE_FILE)
+        write_atomic(tmp / STATE_FILE, lambda path: torch.save(state, path))
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)

@@ -17,7 +17,8 @@ import numpy as np
 import pyarrow as pa
 
 from cosettle.pipeline.clips import LABELS, PACES, ROTATIONS, SPATIAL_OVERLAPS, TEMPORAL_OVERLAPS, plan_params
-from cosettle.pipeline.store import ClipStoreSettings, FeatureStore, StoreSettings, create_or_open, videos_digest
+from cosettle.pipeline.store import FeatureStore, create_or_open
+from cosettle.pipeline.store_settings import ClipStoreSettings, StoreSettings, videos_digest
 
 
 def synthetic_settings(videos: list[str], *, views: int, grid: int, dim: int, chunk_videos: int,

@@ -72,7 +72,8 @@ def train(cfg: TrainConfig) -> dict | None:
         torch.cuda.set_device(device)  # before joining, so NCCL binds this rank to its own GPU
     join(world, device)
     try:
-        return _train(cfg, world, device)
+        with RunDir(cfg.out).writing() if world.main else nullcontext():  # one writer per run dir
+            return _train(cfg, world, device)
     finally:
         close(world)
 

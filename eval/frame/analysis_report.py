@@ -6,7 +6,6 @@ centre-cropped to the backbone's training size, normalised with the ImageNet sta
 """
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from cosettle.core.atomic import write_csv
 from cosettle.eval.frame.analysis import (
     cycle_accuracy,
     diameter,
@@ -95,11 +95,7 @@ def analyse(videos: list[Path], backbone: Backbone, projection: torch.nn.Module 
 def write_table(results: dict[str, dict[str, float]], path: Path) -> None:
     """CSV with one row per metric and one column per variant."""
     names = list(results)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["metric", *names])
-        for metric in results[names[0]]:
-            writer.writerow([metric, *(results[n][metric] for n in names)])
+    write_csv(path, [["metric", *names], *([metric, *(results[n][metric] for n in names)] for metric in results[names[0]])])
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:

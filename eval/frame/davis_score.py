@@ -7,13 +7,13 @@ Nothing is cached: every call reads and scores the files anew.
 """
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from cosettle.core.atomic import write_atomic, write_csv
 from cosettle.eval.frame.davis_metrics import db_statistics, f_measure, jaccard
 from cosettle.eval.frame.palette import read_indexed_png
 
@@ -118,15 +118,12 @@ def _per_sequence(objects: list[dict]) -> list[dict]:
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(path, [list(rows[0]), *(list(r.values()) for r in rows)])
 
 
 def _write(out: Path, summary: dict, objects: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_atomic(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
     _write_csv(out / "per_object.csv", objects)
     _write_csv(out / "per_sequence.csv", _per_sequence(objects))
 

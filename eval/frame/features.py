@@ -142,7 +142,8 @@ class FeatureSource:
         array = self.backbone_features(dataset, video)
         total = array.shape[0] if num_frames is None else num_frames
         for lo in range(0, total, self.batch_size):
-            block = torch.from_numpy(array[lo : min(total, lo + self.batch_size)]).to(self.device).float()
+            block = torch.from_numpy(self.cache.store.read(array, lo, min(total, lo + self.batch_size)))
+            block = block.to(self.device).float()
             if self.projection is not None:
                 with torch.no_grad():
                     block = self.projection(block)

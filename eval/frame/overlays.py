@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from cosettle.core.atomic import write_atomic
 from cosettle.eval.frame.datasets import read_frame
 from cosettle.eval.frame.palette import davis_palette, read_indexed_png
 
@@ -56,9 +57,10 @@ def save_overlays(frames: list[Path], predictions: list[Path], out_dir: Path, sh
     thumbs, titles = [], []
     for i, (frame_path, pred_path) in enumerate(zip(frames, predictions)):
         image = overlay(read_frame(frame_path), read_indexed_png(pred_path))
-        Image.fromarray(image).save(out_dir / f"{frame_path.stem}.png")
+        write_atomic(out_dir / f"{frame_path.stem}.png", lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
         if i in picked:
             thumbs.append(image)
             titles.append(frame_path.stem)
     sheet.parent.mkdir(parents=True, exist_ok=True)
-    contact_sheet(thumbs, titles).save(sheet)
+    picture = contact_sheet(thumbs, titles)
+    write_atomic(sheet, lambda tmp: picture.save(tmp, format="PNG"))

@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from cosettle.core.atomic import write_atomic
+
 
 def davis_palette() -> np.ndarray:
     """The 256 x 3 uint8 PASCAL VOC colour map used by DAVIS annotations.
@@ -29,7 +31,7 @@ def save_indexed_png(path: Path, labels: np.ndarray) -> None:
     image = Image.fromarray(labels)
     image.putpalette(davis_palette().tobytes())  # turns the "L" image into a "P" one
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG")
+    write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))  # concurrent scorers read whole files
 
 
 def read_indexed_png(path: Path) -> np.ndarray:

@@ -6,7 +6,6 @@ per video, NaN where invisible) into ``<out>``.
 """
 from __future__ import annotations
 
-import csv
 import itertools
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cosettle.core.atomic import write_atomic, write_csv
 from cosettle.eval.cli_options import CONTEXT, one_line_errors
 from cosettle.eval.frame.datasets import DatasetError, Video, jhmdb_videos
 from cosettle.eval.frame.features import FeatureSource
@@ -73,12 +73,14 @@ def evaluate_jhmdb(cfg: EvalConfig, split: Path, number: int = 1) -> dict:
         gts.append(gt)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out / "keypoints.npz", **{v.name: p for v, p in zip(videos, preds)})
+    def save_keypoints(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: given a name, numpy would append ".npz" to it
+            np.savez_compressed(f, **{v.name: p for v, p in zip(videos, preds)})
+
+    write_atomic(out / "keypoints.npz", save_keypoints)
     joints = per_joint_pck(preds, gts)
-    with open(out / "per_joint.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["joint", *joints])
-        writer.writerows([name, *(float(joints[k][j]) for k in joints)] for j, name in enumerate(JOINTS))
+    write_csv(out / "per_joint.csv", [["joint", *joints],
+                                      *([name, *(float(joints[k][j]) for k in joints)] for j, name in enumerate(JOINTS))])
     # a joint never scored has no PCK (null in the JSON)
     per_joint = {k: {j: (float(x) if np.isfinite(x) else None) for j, x in zip(JOINTS, v)} for k, v in joints.items()}
     summary = {**pck(preds, gts, ALPHAS), "per_joint": per_joint,

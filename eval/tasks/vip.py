@@ -6,7 +6,6 @@ ground truth), at ground-truth resolution. Writes ``<out>/predictions/<video>/<f
 """
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import click
@@ -14,6 +13,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from cosettle.core.atomic import write_atomic, write_csv
 from cosettle.eval.cli_options import CONTEXT, one_line_errors
 from cosettle.eval.frame.datasets import vip_videos
 from cosettle.eval.frame.palette import read_indexed_png, save_indexed_png
@@ -54,11 +54,8 @@ def evaluate_vip(cfg: EvalConfig, split: str = "val") -> dict:
     per_class, mean = miou(conf)
     # a class absent from both ground truth and predictions has no IoU (null in the JSON)
     summary = {"mIoU": mean, "IoU": {name: (float(v) if np.isfinite(v) else None) for name, v in zip(VIP_CLASSES, per_class)}}
-    with open(Path(cfg.out) / "per_class.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["class", "IoU"])
-        writer.writerows(zip(VIP_CLASSES, per_class.tolist()))
-    np.savetxt(Path(cfg.out) / "confusion.csv", conf, fmt="%d", delimiter=",")
+    write_csv(Path(cfg.out) / "per_class.csv", [["class", "IoU"], *zip(VIP_CLASSES, per_class.tolist())])
+    write_atomic(Path(cfg.out) / "confusion.csv", lambda tmp: np.savetxt(tmp, conf, fmt="%d", delimiter=","))
     write_json(Path(cfg.out) / "summary.json", summary)
     write_record(cfg.out, "vip", {**record, "split": split}, summary)
     return summary

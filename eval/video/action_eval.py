@@ -11,13 +11,13 @@ Writes ``summary.json``, ``per_split.csv`` and ``run.json`` (provenance) into ``
 """
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from cosettle.core.atomic import write_csv
 from cosettle.core.devices import resolve_device
 from cosettle.core.provenance import digest
 from cosettle.eval.frame.run import write_json, write_record
@@ -156,11 +156,8 @@ def evaluate_action(cfg: ActionEvalConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "summary.json", summary)
-    with open(out / "per_split.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        keys = list(next(iter(per_split.values())))
-        writer.writerow(["split", *keys])
-        writer.writerows([s, *(r[k] for k in keys)] for s, r in per_split.items())
+    keys = list(next(iter(per_split.values())))
+    write_csv(out / "per_split.csv", [["split", *keys], *([s, *(r[k] for k in keys)] for s, r in per_split.items())])
     record = {"dataset": cfg.dataset, "task": cfg.task, "split": cfg.split, "classes": len(names),
               "lists": str(Path(cfg.lists).resolve()) if cfg.lists else "shipped official lists", "lists_read": reports,
               "knn": {"k": cfg.k, "temperature": cfg.temperature} if cfg.task == "knn" else None,

@@ -262,7 +262,7 @@ class ClipFeatureSource:
             raise CacheError(f"{self.cache_path}: cached clip features of {video.name} were made from a "
                              f"{array.attrs.get('source_size')}-byte source, {video.path} has {size} bytes; "
                              "use another cache")
-        return np.asarray(array[...], dtype=np.float32)
+        return np.asarray(self.cache.read(array), dtype=np.float32)
 
     def _compute(self, name: str, video: ActionVideo, size: int) -> zarr.Array:
         reader = open_video(video.path)
