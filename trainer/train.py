@@ -20,6 +20,7 @@ from tqdm import tqdm
 from cosettle.core.devices import resolve_device
 from cosettle.core.provenance import environment, now_utc, sha256_file
 
+from .compiled import check_compile, compile_loss
 from .config import TrainConfig
 from .data import ChunkReader, batches_per_epoch, chunk_table, epoch_plan
 from .distributed import World, barrier, close, join, mean_across, world_from_env
@@ -79,6 +80,8 @@ def train(cfg: TrainConfig) -> dict | None:
 
 def _train(cfg: TrainConfig, world: World, device: torch.device) -> dict | None:
     amp = device.type == "cuda"  # fp16 autocast + gradient scaling as the release; fp32 on CPU
+    if cfg.compile:
+        check_compile(device)  # before anything is written: no run directory for a run that cannot start
 
     # -- data: the stores, their chunks, and how many steps every epoch has --------------------
     stores = open_stores(cfg.features)
@@ -147,6 +150,8 @@ def _train(cfg: TrainConfig, world: World, device: torch.device) -> dict | None:
         run.truncate_metrics(step)
     model = DistributedDataParallel(projection, device_ids=[device.index] if device.type == "cuda" else None) if world.size > 1 else projection
     objective = spec.build_loss(cfg.options)
+    if cfg.compile:  # the loss function, not the module: state_dict keys stay those of the module
+        objective = compile_loss(objective)
     reader = ChunkReader(stores, chunks, io_threads=cfg.io_threads, window=cfg.shuffle_chunks, pin_memory=amp)
     weights_meta = {"dim": str(dim), "objective": cfg.objective} | {k: str(v) for k, v in cfg.options.items()}
 
