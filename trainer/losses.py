@@ -139,8 +139,9 @@ def cosettle_loss(
     """
     if not (a.shape == b.shape == a_asy.shape) or a.dim() != 3:
         raise ValueError(f"a, b, a_asy must share one [batch, tokens, dim] shape, got {[tuple(x.shape) for x in (a, b, a_asy)]}")
-    # Stacked straight into float32: one full-size copy, not a stack and then a cast.
-    x = torch.stack((a, b, a_asy), dim=1, out=a.new_empty((a.shape[0], 3, *a.shape[1:]), dtype=torch.float32))
+    x = a.new_empty((a.shape[0], 3, *a.shape[1:]), dtype=torch.float32)
+    for i, frame in enumerate((a, b, a_asy)):  # cast while stacking: one full-size copy, not two
+        x[:, i] = frame
     y = projection(x)
     # The walk and the losses run in fp32 even under autocast: log(C + 1e-6) is meaningless in fp16.
     with torch.autocast(device_type=y.device.type, enabled=False):
