@@ -10,6 +10,7 @@ import click
 from cosettle.core.atomic import WriteError
 from cosettle.pipeline.store import StoreError
 
+from .compiled import CompileError
 from .config import TrainConfig, flag
 from .objective import all_options, discover
 from .projection import ProjectionError
@@ -53,6 +54,8 @@ def objective_options(fn: Callable) -> Callable:
 @click.option("--max-steps", default=None, type=int, help="Stop (resumable) after this many optimizer steps.")
 @click.option("--resume", is_flag=True, help="Continue from the run's last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing run directory first.")
+@click.option("--compile", is_flag=True, help="Run the objective's forward and backward under torch.compile "
+              "(compiles at the first step; results equal within float tolerance).")
 def main(**options) -> None:
     """Train an objective (default: Co-Settle's projection) on cached backbone tokens (no backbone is run)."""
     options["features"] = tuple(options["features"])
@@ -63,7 +66,7 @@ def main(**options) -> None:
         raise click.UsageError(str(e)) from None
     try:
         summary = train(cfg)
-    except (StoreError, RunError, TrainingError, ProjectionError, WriteError) as e:
+    except (StoreError, RunError, TrainingError, ProjectionError, WriteError, CompileError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
     if summary is not None:

@@ -15,7 +15,7 @@ from .objective import OBJECTIVES, all_options, discover
 
 # General settings that change what a run computes; a resumed run must match them exactly, and
 # the objective's options too. The others (paths, device, I/O threads, checkpoint cadence, stop
-# step) may differ between sessions.
+# step, compile) may differ between sessions.
 RESULT_KEYS = ("objective", "epochs", "batch_size", "accum_iter", "blr", "min_lr", "warmup_epochs",
                "weight_decay", "seed", "shuffle_chunks")
 
@@ -47,6 +47,7 @@ class TrainConfig:
     max_steps: int | None = None  # stop (checkpointed, resumable) after this many optimizer steps
     resume: bool = False
     overwrite: bool = False
+    compile: bool = False  # torch.compile the objective's forward; same results within float tolerance
     options: dict = field(default_factory=dict)  # the objective's settings; its defaults fill the rest
 
     def __post_init__(self) -> None:

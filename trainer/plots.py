@@ -1,6 +1,8 @@
 """The training plot: loss and the objective's accuracies per optimizer step, with epoch means."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
@@ -8,15 +10,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from cosettle.core.atomic import write_atomic  # noqa: E402
 
-from .run_dir import EPOCHS_FILE, PLOT_FILE, STEPS_FILE, RunDir  # noqa: E402
-
 LABELS = {"acc": "cycle accuracy"}  # Co-Settle logs its cycle accuracy as "acc"
 MAX_PANELS = 4
 
 
-def plot_run(run: RunDir) -> None:
-    """Write ``training.png`` from the run's metric files (panels for the metrics it has)."""
-    steps, epochs = run.records(STEPS_FILE), run.records(EPOCHS_FILE)
+def plot_records(path: Path, steps: list[dict], epochs: list[dict]) -> None:
+    """Write the plot of step records and epoch means to ``path`` (panels for the metrics they have)."""
     keys = ["loss"] + [k for k in steps[0] if k.startswith("acc")][: MAX_PANELS - 1]
     panels = [(k, LABELS.get(k, k)) for k in keys]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
@@ -30,6 +29,6 @@ def plot_run(run: RunDir) -> None:
         ax.legend()
     fig.tight_layout()
     try:
-        write_atomic(run.file(PLOT_FILE), lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     finally:
         plt.close(fig)

@@ -20,12 +20,13 @@ from tqdm import tqdm
 from cosettle.core.devices import resolve_device
 from cosettle.core.provenance import environment, now_utc, sha256_file
 
+from .compiled import check_compile, compile_loss
 from .config import TrainConfig
 from .data import ChunkReader, batches_per_epoch, chunk_table, epoch_plan
 from .distributed import World, barrier, close, join, mean_across, world_from_env
 from .objective import get_objective
-from .plots import plot_run
-from .run_dir import EPOCHS_FILE, STEPS_FILE, RunDir
+from .run_dir import RunDir
+from .run_log import RunLog
 from .schedule import build_optimizer, lr_at, scaled_lr, set_lr
 from .stores import open_stores, provenance
 
@@ -55,13 +56,6 @@ def run_identity(cfg: TrainConfig, stores, dim: int, world: World) -> dict:
     return ident
 
 
-def epoch_record(step_records: list[dict], epoch: int, step: int) -> dict:
-    """Means of the step metrics of one epoch."""
-    rows = [r for r in step_records if r["epoch"] == epoch]
-    keys = [k for k in rows[0] if k not in ("step", "epoch")]
-    return {"epoch": epoch, "step": step, "steps": len(rows)} | {k: float(np.mean([r[k] for r in rows])) for k in keys}
-
-
 def train(cfg: TrainConfig) -> dict | None:
     """Train a projection; returns the summary, or None when stopped early by ``max_steps``."""
     cfg.validate()
@@ -80,6 +74,8 @@ def train(cfg: TrainConfig) -> dict | None:
 
 def _train(cfg: TrainConfig, world: World, device: torch.device) -> dict | None:
     amp = device.type == "cuda"  # fp16 autocast + gradient scaling as the release; fp32 on CPU
+    if cfg.compile:
+        check_compile(device)  # before anything is written: no run directory for a run that cannot start
 
     # -- data: the stores, their chunks, and how many steps every epoch has --------------------
     stores = open_stores(cfg.features)
@@ -146,8 +142,11 @@ def _train(cfg: TrainConfig, world: World, device: torch.device) -> dict | None:
         print(f"{run.path}: no checkpoint yet; starting from step 0")
     if world.main:
         run.truncate_metrics(step)
+    log = RunLog(run) if world.main else None
     model = DistributedDataParallel(projection, device_ids=[device.index] if device.type == "cuda" else None) if world.size > 1 else projection
     objective = spec.build_loss(cfg.options)
+    if cfg.compile:  # the loss function, not the module: state_dict keys stay those of the module
+        objective = compile_loss(objective)
     reader = ChunkReader(stores, chunks, io_threads=cfg.io_threads, window=cfg.shuffle_chunks, pin_memory=amp)
     weights_meta = {"dim": str(dim), "objective": cfg.objective} | {k: str(v) for k, v in cfg.options.items()}
 
@@ -201,10 +200,9 @@ def _train(cfg: TrainConfig, world: World, device: torch.device) -> dict | None:
             bar.set_postfix(epoch=epoch, loss=f"{metrics['loss']:.4f}", **dict(list(shown.items())[-1:]))
             epoch_end = step % steps_per_epoch == 0
             if world.main:
-                run.append(STEPS_FILE, {"step": step, "epoch": epoch, "lr": lr, **metrics, "samples_per_s": rate})
+                log.step({"step": step, "epoch": epoch, "lr": lr, **metrics, "samples_per_s": rate})
                 if epoch_end:  # before the checkpoint, so a resumed run never lacks a finished epoch
-                    run.append(EPOCHS_FILE, epoch_record(run.records(STEPS_FILE), epoch, step))
-                    plot_run(run)
+                    log.end_epoch(epoch, step)
             stopping = cfg.max_steps is not None and step >= cfg.max_steps and step < total_steps
             if epoch_end or stopping or step % cfg.checkpoint_every == 0:
                 save_checkpoint()
@@ -213,6 +211,7 @@ def _train(cfg: TrainConfig, world: World, device: torch.device) -> dict | None:
                 bar.close()
                 barrier(world)
                 if world.main:
+                    log.plot()
                     print(f"stopped after step {step} of {total_steps}; continue with --resume")
                 return None
     bar.close()
@@ -222,10 +221,10 @@ def _train(cfg: TrainConfig, world: World, device: torch.device) -> dict | None:
     summary = None
     if world.main:
         final = run.save_final_weights(projection.state_dict(), weights_meta | {"step": str(step)})
-        plot_run(run)
+        log.plot()
         summary = {
             "run": str(run.path), "steps": step, "epochs": cfg.epochs, "effective_batch": effective_batch,
-            "lr": peak_lr, "final_epoch": run.records(EPOCHS_FILE)[-1], "weights": final.name,
+            "lr": peak_lr, "final_epoch": log.epochs[-1], "weights": final.name,
             "weights_sha256": sha256_file(final), "session_wall_s": wall,
             "session_samples_per_s": (step - start_step) * effective_batch / wall, "finished": now_utc(),
         }
