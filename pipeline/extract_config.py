@@ -4,13 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from cosettle.core.precision import AMP_CHOICES
 
 from .clips import FAST_STRIDE, PLANS, SLOW_STRIDE
 from .pooling import POOLINGS
 from .views import CLIP_GAP
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 LAYOUTS = ("views", "clips")
 
 
@@ -32,7 +31,7 @@ class ExtractConfig:
     seed: int = 0
     batch_size: int = 64
     device: str = "auto"
-    amp: str = "bf16"
+    amp: str = "auto"  # cosettle.core.precision: bf16 on CUDA, float32 on CPU
     workers: int = 2
     shard: tuple[int, int] = (0, 1)
     resume: bool = False
@@ -60,6 +59,8 @@ def check_config(cfg: ExtractConfig) -> None:
     if cfg.overwrite and count > 1:
         # each shard would delete the blocks the others have written
         raise ValueError(f"{cfg.out}: --overwrite cannot be combined with --shard; delete the store, then start the shards")
+    if cfg.amp not in AMP_CHOICES:
+        raise ValueError(f"unknown --amp {cfg.amp!r}; choose one of {', '.join(AMP_CHOICES)}")
     if cfg.layout not in LAYOUTS:
         raise ValueError(f"unknown layout {cfg.layout!r}; choose one of {', '.join(LAYOUTS)}")
     if cfg.layout == "views":

@@ -19,6 +19,11 @@ made with another rule than its backbone's registered one (an ``ijepa_vitb`` sto
 "asy-only" rule) is refused: ``create_or_open`` (resume, join) compares the rules explicitly, and
 ``open_store`` (training) refuses it, so it is never mixed with tokens of the current rule.
 
+The settings record the forward pass's autocast (``autocast``: none, bf16 or fp16, the effective
+``--amp``) only when it is not what ``--amp auto`` gives on the device that made it (bf16 on CUDA,
+float32 on CPU), which is what every store was made with before the option existed: those keep
+their settings, and a store without ``autocast`` is resumed or joined only by a run with that default.
+
 Beside it, ``NAME.manifest/part-BLOCK.parquet``: one row per (video, view) with what was sampled.
 
 That is the ``views`` layout (settings without a ``layout`` key). A ``clips`` store (settings
@@ -55,6 +60,7 @@ TOKEN_ARRAYS = ("a", "b", "a_asy")  # the batch arrays of a views store
 CLIP_ARRAYS = ("tokens", "labels")  # the batch arrays of a clips store
 LAYOUT_ARRAYS = {"views": TOKEN_ARRAYS, "clips": CLIP_ARRAYS}
 COMPRESSORS = ("none", "zstd", "lz4")
+AUTOCAST_KEY = "autocast"
 
 
 class ArraySpec(NamedTuple):
@@ -93,13 +99,14 @@ class StoreSettings:
     chunk_videos: int
     compressor: str
     final_norm: str = ALL  # the backbone's token rule; recorded only when not "all"
+    autocast: str | None = None  # the effective --amp; None: the device's default, not recorded
     layout: ClassVar[str] = "views"  # not recorded: a store without ``layout`` is a views store
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["crop_scale"], d["crop_ratio"] = list(self.crop_scale), list(self.crop_ratio)
-        del d[FINAL_NORM_KEY]
-        return d | final_norm_record(self.final_norm)
+        del d[FINAL_NORM_KEY], d[AUTOCAST_KEY]
+        return d | final_norm_record(self.final_norm) | autocast_record(self.autocast)
 
     @property
     def tokens(self) -> int:
@@ -142,14 +149,15 @@ class ClipStoreSettings:
     chunk_videos: int
     compressor: str
     final_norm: str = ALL  # the backbone's token rule; recorded only when not "all"
+    autocast: str | None = None  # the effective --amp; None: the device's default, not recorded
     layout: ClassVar[str] = "clips"
 
     def as_dict(self) -> dict:
         d = {"layout": self.layout, **asdict(self)}
         params = json.loads(json.dumps(d.pop("plan_params")))  # tuples -> lists, as read back
         d["levels"], d["crop_scale"], d["crop_ratio"] = list(self.levels), list(self.crop_scale), list(self.crop_ratio)
-        del d[FINAL_NORM_KEY]
-        return {**d, **params, **final_norm_record(self.final_norm)}
+        del d[FINAL_NORM_KEY], d[AUTOCAST_KEY]
+        return {**d, **params, **final_norm_record(self.final_norm), **autocast_record(self.autocast)}
 
     @property
     def num_blocks(self) -> int:
@@ -162,6 +170,11 @@ class ClipStoreSettings:
                                 ("view", "video", "clip", "frame", "level", "channel")),
             "labels": ArraySpec((k, v, len(LABELS)), (1, c, len(LABELS)), "int16", -1, ("view", "video", "label")),
         }
+
+
+def autocast_record(autocast: str | None) -> dict:
+    """The settings entry of an autocast: none for the device's default (None), else ``{"autocast": it}``."""
+    return {} if autocast is None else {AUTOCAST_KEY: autocast}
 
 
 def token_rule(settings: dict) -> str:
@@ -302,11 +315,12 @@ def _initialise(path: Path, settings: StoreSettings | ClipStoreSettings, videos:
 
 
 def create_or_open(path: Path, settings: StoreSettings | ClipStoreSettings, videos: list[str], *, resume: bool,
-                   overwrite: bool, join: bool) -> FeatureStore:
+                   overwrite: bool, join: bool, default_autocast: str = "none") -> FeatureStore:
     """Open the store a writer fills, creating it atomically if it does not exist.
 
     ``join`` (sharded runs) and ``resume`` accept an existing store with identical settings; a
-    complete store is only replaced with ``overwrite``; any settings difference is an error.
+    complete store is only replaced with ``overwrite``; any settings difference is an error. A store
+    without ``autocast`` was made with ``default_autocast`` (that of ``--amp auto`` on this device).
     """
     path = Path(path)
     if overwrite and path.exists():
@@ -330,8 +344,11 @@ def create_or_open(path: Path, settings: StoreSettings | ClipStoreSettings, vide
         raise StoreError(f"{path}: a {store.layout} store, this run writes a {settings.layout} store; "
                          "use another path or --overwrite")
     # the token rule explicitly on both sides: a missing ``final_norm`` is "all", whichever side lacks it
-    rule = {FINAL_NORM_KEY: settings.final_norm}
-    diff = mismatches(settings.as_dict() | rule, store.settings | {FINAL_NORM_KEY: token_rule(store.settings)})
+    # and the autocast: a missing one is the device's default
+    rule = {FINAL_NORM_KEY: settings.final_norm, AUTOCAST_KEY: settings.autocast or default_autocast}
+    found = {FINAL_NORM_KEY: token_rule(store.settings),
+             AUTOCAST_KEY: store.settings.get(AUTOCAST_KEY, default_autocast)}
+    diff = mismatches(settings.as_dict() | rule, store.settings | found)
     if diff:
         raise StoreError(f"{path}: made with other settings ({'; '.join(diff)}); use another path or --overwrite")
     if store.complete:
