@@ -60,7 +60,7 @@ def propagation_options(fn: Callable, required: bool = True) -> Callable:
         fn = _setting_option(f)(fn)
     fn = click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
                       help="Propagation preset (default: the task's).")(fn)
-    fn = backbone_options(fn, required)
+    fn = backbone_options(fn, required, amp="none")  # frame features: float32 unless asked
     fn = click.option("--cache", type=click.Path(path_type=Path), default=None,
                       help="Features cache (a Zarr store) to use or create [default: eval_cache/<backbone>_<weights>_<key>.zarr].")(fn)
     return click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -72,7 +72,7 @@ def config_from_cli(kw: dict, default_preset: str, task_defaults: dict | None = 
     settings = propagation_settings({k: kw.pop(k) for k in (*FIELDS, "preset")}, default_preset, task_defaults)
     return EvalConfig(root=kw["root"], out=kw["out"], backbone=kw["backbone"], weights=kw["weights"],
                       projection=projection_path(kw["projection"]), settings=settings, device=kw["device"],
-                      cache=kw["cache"], batch_size=kw["batch_size"], arch=kw["arch"])
+                      cache=kw["cache"], batch_size=kw["batch_size"], amp=kw["amp"], arch=kw["arch"])
 
 
 def propagation_task(name: str, description: str, command: click.Command, evaluate: Callable[..., dict],
@@ -82,12 +82,13 @@ def propagation_task(name: str, description: str, command: click.Command, evalua
     def run(ctx: TaskContext, options: dict) -> dict:
         cfg = EvalConfig(root=ctx.root, out=ctx.out, backbone=ctx.backbone, weights=ctx.weights,
                          projection=ctx.projection, settings=propagation_settings(options, default_preset, task_defaults),
-                         device=ctx.device, cache=ctx.cache, batch_size=options["batch_size"], arch=ctx.arch)
+                         device=ctx.device, cache=ctx.cache, batch_size=options["batch_size"], amp=options["amp"],
+                         arch=ctx.arch)
         return evaluate(cfg, **{k: options[k] for k in extra})
 
     def check(options: dict) -> None:
         propagation_settings(options, default_preset, task_defaults)
 
-    options = {"preset": None, "batch_size": 8} | dict.fromkeys(FIELDS) | extra
+    options = {"preset": None, "batch_size": 8, "amp": "none"} | dict.fromkeys(FIELDS) | extra
     types = {"preset": (str,)} | {k: option_types(getattr(PRESETS["dino"], k)) for k in FIELDS} | {"size": (list,)}
     return EvalTask(name, "frame", description, command, run, options, "root", paths, types, check)

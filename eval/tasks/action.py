@@ -31,7 +31,8 @@ def make_config(dataset: str, root: Path, out: Path, backbone: str, weights: str
         dataset=dataset, root=root, out=out, backbone=backbone, weights=weights, task=options["task"],
         split=str(options["split"]), projection=projection, protocol=protocol_for(options["task"], options),
         lists=Path(lists) if lists else None, strict=options["strict"], k=options["k"],
-        temperature=options["temperature"], cache=cache, device=device, batch_size=options["batch_size"], arch=arch)
+        temperature=options["temperature"], cache=cache, device=device, batch_size=options["batch_size"],
+        amp=options["amp"], arch=arch)
 
 
 def _command(dataset: str, title: str) -> click.Command:
@@ -64,7 +65,7 @@ def _command(dataset: str, title: str) -> click.Command:
 
 def _backbone_options(fn):
     """The backbone options, 64 frames per forward pass by default (clips fill batches)."""
-    return backbone_options(fn, batch_size=64)
+    return backbone_options(fn, batch_size=64, amp="auto")
 
 
 def _task(dataset: str, title: str) -> EvalTask:
@@ -76,7 +77,7 @@ def _task(dataset: str, title: str) -> EvalTask:
         make_config(dataset, Path("."), Path("."), "x", "x", options)
 
     options = {"task": "knn", "split": "1", "lists": None, "strict": False, "k": 20, "temperature": 0.07,
-               "batch_size": 64} | {k: getattr(PROTOCOL, k) for k in PROTOCOL_FIELDS} | {"pooling": None}
+               "batch_size": 64, "amp": "auto"} | {k: getattr(PROTOCOL, k) for k in PROTOCOL_FIELDS} | {"pooling": None}
     types = {"split": (str, int), "lists": (str,), "pooling": (str,)}
     return EvalTask(dataset, "video", f"{title} action recognition", _command(dataset, title), run, options,
                     "root", ("lists",), types, check)
