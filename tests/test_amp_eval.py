@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from action_world import cosettle_eval
 from click.testing import CliRunner
 
 from cosettle.core.precision import cpu_bf16_supported
@@ -116,7 +117,15 @@ def test_clip_features_autocast(tmp_path):
     fp32 = ClipFeatureSource(bb, protocol, tmp_path / "a.zarr")  # auto on CPU: float32, the key as before
     bf16 = ClipFeatureSource(bb, protocol, tmp_path / "b.zarr", amp="bf16")
     assert (fp32.key["precision"], bf16.key["precision"]) == ("float32", "bf16-autocast")
+    assert bf16.record()["precision"] == "bf16-autocast"
     with pytest.raises(CacheError, match="precision"):
         ClipFeatureSource(bb, protocol, tmp_path / "a.zarr", amp="bf16")
     want, got = fp32.clip_vectors("ucf", videos[0]), bf16.clip_vectors("ucf", videos[0])
     assert 0 < np.abs(got - want).max() < 0.05 * np.abs(want).max()
+
+
+def test_action_cli_passes_the_autocast(world, tmp_path):
+    """--amp reaches the clip features (only they refuse fp16 on a CPU); the record is the key's precision,
+    checked in test_clip_features_autocast."""
+    result = cosettle_eval(world, tmp_path / "out", tmp_path / "c.zarr", "--amp", "fp16")
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and "--amp fp16: not available on cpu" in result.output

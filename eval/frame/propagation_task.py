@@ -82,13 +82,13 @@ def propagation_task(name: str, description: str, command: click.Command, evalua
     def run(ctx: TaskContext, options: dict) -> dict:
         cfg = EvalConfig(root=ctx.root, out=ctx.out, backbone=ctx.backbone, weights=ctx.weights,
                          projection=ctx.projection, settings=propagation_settings(options, default_preset, task_defaults),
-                         device=ctx.device, cache=ctx.cache, batch_size=options["batch_size"], amp=options["amp"],
-                         arch=ctx.arch)
+                         device=ctx.device, cache=ctx.cache, batch_size=options["batch_size"], arch=ctx.arch)
         return evaluate(cfg, **{k: options[k] for k in extra})
 
     def check(options: dict) -> None:
         propagation_settings(options, default_preset, task_defaults)
 
-    options = {"preset": None, "batch_size": 8, "amp": "none"} | dict.fromkeys(FIELDS) | extra
+    # --amp is a command-line option only: a new sweep option would change every sweep's provenance digests
+    options = {"preset": None, "batch_size": 8} | dict.fromkeys(FIELDS) | extra
     types = {"preset": (str,)} | {k: option_types(getattr(PRESETS["dino"], k)) for k in FIELDS} | {"size": (list,)}
     return EvalTask(name, "frame", description, command, run, options, "root", paths, types, check)

@@ -24,15 +24,16 @@ def protocol_for(task: str, options: dict) -> ClipProtocol:
 
 def make_config(dataset: str, root: Path, out: Path, backbone: str, weights: str, options: dict,
                 projection: Path | None = None, cache: Path | None = None, device: str = "auto",
-                arch: dict | None = None) -> ActionEvalConfig:
-    """The run's config from a command's or a sweep's options (the same names in both)."""
+                arch: dict | None = None, amp: str = "auto") -> ActionEvalConfig:
+    """The run's config from a command's or a sweep's options (the same names in both); ``amp`` is a
+    command-line option only (sweeps keep the default, so their provenance digests stay as they were)."""
     lists = options.get("lists")
     return ActionEvalConfig(
         dataset=dataset, root=root, out=out, backbone=backbone, weights=weights, task=options["task"],
         split=str(options["split"]), projection=projection, protocol=protocol_for(options["task"], options),
         lists=Path(lists) if lists else None, strict=options["strict"], k=options["k"],
         temperature=options["temperature"], cache=cache, device=device, batch_size=options["batch_size"],
-        amp=options["amp"], arch=arch)
+        amp=amp, arch=arch)
 
 
 def _command(dataset: str, title: str) -> click.Command:
@@ -57,8 +58,9 @@ def _command(dataset: str, title: str) -> click.Command:
     @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Results folder.")
     @_backbone_options
     @one_line_errors
-    def command(root, out, backbone, weights, projection, device, cache, arch, **options) -> None:
-        cfg = make_config(dataset, root, out, backbone, weights, options, projection_path(projection), cache, device, arch)
+    def command(root, out, backbone, weights, projection, device, cache, arch, amp, **options) -> None:
+        cfg = make_config(dataset, root, out, backbone, weights, options, projection_path(projection), cache, device,
+                          arch, amp)
         click.echo(format_table(evaluate_action(cfg)))
     return command
 
@@ -77,7 +79,7 @@ def _task(dataset: str, title: str) -> EvalTask:
         make_config(dataset, Path("."), Path("."), "x", "x", options)
 
     options = {"task": "knn", "split": "1", "lists": None, "strict": False, "k": 20, "temperature": 0.07,
-               "batch_size": 64, "amp": "auto"} | {k: getattr(PROTOCOL, k) for k in PROTOCOL_FIELDS} | {"pooling": None}
+               "batch_size": 64} | {k: getattr(PROTOCOL, k) for k in PROTOCOL_FIELDS} | {"pooling": None}
     types = {"split": (str, int), "lists": (str,), "pooling": (str,)}
     return EvalTask(dataset, "video", f"{title} action recognition", _command(dataset, title), run, options,
                     "root", ("lists",), types, check)
