@@ -15,12 +15,17 @@ weight loading, ``load_backbone``) is also timed on its own.
 and with that autocast (float32 store dtype), and reports the speed ratio and the token difference
 (max abs, mean relative, cosine); on a device that cannot run it, the line says why.
 
+On a shared machine wall times swing with the other load, so the CPU seconds of both runs (this
+process's threads plus its finished children, the DataLoader workers) are reported beside them:
+their ratio is the overhead a machine whose cores the forward keeps busy would see.
+
     python bench/extract_overhead.py                 # ViT-B/16, CPU
     python bench/extract_overhead.py --weights random
     python bench/extract_overhead.py --device cuda --videos 256 --batch-size 256
 """
 from __future__ import annotations
 
+import resource
 import tempfile
 import time
 from dataclasses import replace
@@ -61,6 +66,12 @@ def write_release(backbone: str, model: torch.nn.Module, path: Path) -> Path:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process (all threads) and of its children that have ended."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def timed_blocks(forward: BlockForward, images: torch.Tensor, offsets: torch.Tensor, per_block: int,
@@ -141,11 +152,14 @@ def main(backbone, count, views, frames, size, batch_size, workers, device, weig
         digest = sha256_file(Path(weights)) if weights_mode == "file" else None
         sha = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         extract(cfg)
         sync(device)
-        end_to_end = time.perf_counter() - t0
+        end_to_end, end_to_end_cpu = time.perf_counter() - t0, cpu_seconds() - c0
         pure = min(before, timed_blocks(forward, images, offsets, per_block, device)[0])
+        c0 = cpu_seconds()
+        timed_blocks(forward, images, offsets, per_block, device)
+        pure_cpu = cpu_seconds() - c0
 
     n_images = 3 * count * views
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
@@ -159,6 +173,8 @@ def main(backbone, count, views, frames, size, batch_size, workers, device, weig
           + (f"; of which file sha256 {sha:.2f} s)" if digest else ")"))
     print(f"overhead ratio (end to end / pure forward): {end_to_end / pure:.3f}  (target <= 1.05); "
           f"without the start-up {(end_to_end - startup) / pure:.3f}")
+    print(f"CPU seconds  : pure forward {pure_cpu:.2f}, end to end {end_to_end_cpu:.2f} (workers included); "
+          f"CPU overhead ratio {end_to_end_cpu / pure_cpu:.3f}")
     if amp_compare != "none":
         print(compare_amp(amp_compare, bb, cfg, images, offsets, per_block, device))
 

@@ -16,7 +16,7 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 def cpu_bf16_supported() -> bool:
     """Whether this CPU computes bf16 natively (x86: AVX512-BF16 or AMX; elsewhere oneDNN's own
-    check); without it bf16 is emulated and slower than float32."""
+    check). Native is not always faster than float32: ``bench/extract_overhead.py`` measures it."""
     if platform.machine().lower() in ("x86_64", "amd64"):
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -33,7 +33,7 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     if device.type == "cpu" and amp == "bf16":
         if not cpu_bf16_supported():
             raise ValueError("--amp bf16: this CPU has no native bf16 instructions (AVX512-BF16 or AMX), "
-                             "so bf16 would be slower than float32; use --amp none")
+                             "bf16 would be emulated; use --amp none")
         return amp
     raise ValueError(f"--amp {amp}: not available on {device.type} (CUDA: bf16 or fp16; CPU: bf16); use --amp none")
 

@@ -1,7 +1,8 @@
 """Stage one: run a frozen backbone over sampled views of every video and fill a feature store.
 
 Decoding and the view transforms run in DataLoader workers, the forward pass in the main process
-(batched, under the ``--amp`` autocast: ``cosettle.core.precision``), and block writes in a background thread, so the three overlap.
+(batched, under the ``--amp`` autocast, ``cosettle.core.precision``), and block writes in a background
+thread, so the three overlap.
 Work is split into blocks of ``chunk_videos`` videos; shard i of n owns blocks c with c % n == i.
 
 What is sampled and stored is a *layout*: ``ViewsLayout`` here (Co-Settle's frame pairs, arrays
@@ -127,7 +128,8 @@ def _block_tokens(items: list[dict], forward: BlockForward, k: int, rows: int, l
     return tokens
 
 
-def store_settings(cfg: ExtractConfig, backbone: Backbone, videos: list[str], autocast: str | None = None) -> StoreSettings:
+def store_settings(cfg: ExtractConfig, backbone: Backbone, videos: list[str],
+                   autocast: str | None = None) -> StoreSettings:
     """The settings a store of this run must have (every shard computes the same); ``autocast`` as
     ``recorded_amp`` gives it (None: the device's default)."""
     return StoreSettings(

@@ -4,8 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from cosettle.core.precision import AMP_CHOICES
-
 from .clips import FAST_STRIDE, PLANS, SLOW_STRIDE
 from .pooling import POOLINGS
 from .views import CLIP_GAP
@@ -59,8 +57,6 @@ def check_config(cfg: ExtractConfig) -> None:
     if cfg.overwrite and count > 1:
         # each shard would delete the blocks the others have written
         raise ValueError(f"{cfg.out}: --overwrite cannot be combined with --shard; delete the store, then start the shards")
-    if cfg.amp not in AMP_CHOICES:
-        raise ValueError(f"unknown --amp {cfg.amp!r}; choose one of {', '.join(AMP_CHOICES)}")
     if cfg.layout not in LAYOUTS:
         raise ValueError(f"unknown layout {cfg.layout!r}; choose one of {', '.join(LAYOUTS)}")
     if cfg.layout == "views":

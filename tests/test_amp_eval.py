@@ -128,4 +128,5 @@ def test_action_cli_passes_the_autocast(world, tmp_path):
     """--amp reaches the clip features (only they refuse fp16 on a CPU); the record is the key's precision,
     checked in test_clip_features_autocast."""
     result = cosettle_eval(world, tmp_path / "out", tmp_path / "c.zarr", "--amp", "fp16")
-    assert result.exit_code == 1 and result.output.count("\n") == 1 and "--amp fp16: not available on cpu" in result.output
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert "--amp fp16: not available on cpu" in result.output
