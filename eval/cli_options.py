@@ -10,6 +10,7 @@ import click
 from cosettle.core.atomic import WriteError
 from cosettle.core.errors import first_line
 from cosettle.core.listfiles import ListFileError
+from cosettle.core.precision import AMP_CHOICES
 from cosettle.eval.frame.datasets import DatasetError
 from cosettle.eval.frame.features import CacheError
 from cosettle.eval.video.datasets import ActionDataError
@@ -42,8 +43,9 @@ def one_line_message(error: Exception) -> str:
     return first_line(ValueError(str(message)))
 
 
-def backbone_options(fn: Callable, required: bool = True, batch_size: int = 8) -> Callable:
-    """--backbone, --weights, --projection, --device, --batch-size and the hidden --arch."""
+def backbone_options(fn: Callable, required: bool = True, batch_size: int = 8, amp: str | None = None) -> Callable:
+    """--backbone, --weights, --projection, --device, --batch-size, the hidden --arch and, where ``amp``
+    (its default) is given, --amp."""
     options = [
         click.option("--backbone", required=required, type=click.Choice(list(BACKBONES)), help="Registered backbone."),
         click.option("--weights", required=required, help="Official release checkpoint file, or 'random'."),
@@ -52,6 +54,10 @@ def backbone_options(fn: Callable, required: bool = True, batch_size: int = 8) -
         click.option("--batch-size", default=batch_size, type=click.IntRange(min=1), help="Frames per backbone forward pass."),
         arch_option,
     ]
+    if amp is not None:
+        options.insert(4, click.option("--amp", default=amp, type=click.Choice(AMP_CHOICES),
+                                       help="Backbone autocast: auto = bf16 on CUDA, none (float32) elsewhere; "
+                                            "bf16 on CPU needs AVX512-BF16 or AMX."))
     for option in reversed(options):
         fn = option(fn)
     return fn

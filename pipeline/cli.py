@@ -6,13 +6,14 @@ from pathlib import Path
 import click
 
 from cosettle.core.atomic import WriteError
+from cosettle.core.precision import AMP_CHOICES
 
 from .arch_option import arch_option
 from .backbones import BACKBONES
 from .checkpoints import CheckpointError
 from .clips import FAST_STRIDE, PLANS, SLOW_STRIDE
 from .dry_run import dry_run_report
-from .extract import AMP_DTYPES, ExtractConfig, extract
+from .extract import ExtractConfig, extract
 from .extract_config import LAYOUTS
 from .pooling import POOLINGS
 from .store import StoreError
@@ -68,7 +69,8 @@ def check_layout_options(ctx: click.Context, kw: dict) -> None:
 @click.option("--seed", default=0, type=int)
 @click.option("--batch-size", default=64, type=click.IntRange(min=1), help="Images per forward pass.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
-@click.option("--amp", default="bf16", type=click.Choice(list(AMP_DTYPES)), help="Autocast dtype on CUDA.")
+@click.option("--amp", default="auto", type=click.Choice(AMP_CHOICES),
+              help="Backbone autocast: auto = bf16 on CUDA, none (float32) on CPU; bf16 on CPU needs AVX512-BF16/AMX.")
 @click.option("--workers", default=2, type=click.IntRange(min=0), help="DataLoader decoding workers.")
 @click.option("--shard", default="0/1", callback=parse_shard, help="Fill shard i of n (whole chunks, no locks).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted store, skipping finished blocks.")

@@ -75,8 +75,8 @@ class ClipsLayout:
     name = "clips"
     prefetch = 2  # items per DataLoader worker (an item holds K * 2 * T images)
 
-    def __init__(self, cfg: ExtractConfig, backbone: Backbone):
-        self.cfg, self.backbone = cfg, backbone
+    def __init__(self, cfg: ExtractConfig, backbone: Backbone, autocast: str | None = None):
+        self.cfg, self.backbone, self.autocast = cfg, backbone, autocast  # recorded_amp's: None for the default
         backbone.check_pooling(cfg.pooling)
         self.levels = backbone.check_levels(cfg.levels if cfg.levels is not None else (backbone.depth,))
         self.params = plan_params(cfg.plan, cfg.slow_stride, cfg.fast_stride)
@@ -90,7 +90,7 @@ class ClipsLayout:
             levels=self.levels, pooling=cfg.pooling, dim=self.dim, dtype=cfg.dtype, views=cfg.views,
             crop_scale=CROP_SCALE, crop_ratio=CROP_RATIO, seed=cfg.seed, num_videos=len(videos),
             videos_sha256=videos_digest(videos), chunk_videos=cfg.chunk_videos, compressor=cfg.compressor,
-            final_norm=bb.final_norm,
+            final_norm=bb.final_norm, autocast=self.autocast,
         )
 
     def dataset(self, root: Path, todo: list[tuple[int, str]]) -> Dataset:

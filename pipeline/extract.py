@@ -1,7 +1,8 @@
 """Stage one: run a frozen backbone over sampled views of every video and fill a feature store.
 
 Decoding and the view transforms run in DataLoader workers, the forward pass in the main process
-(batched, autocast on CUDA), and block writes in a background thread, so the three overlap.
+(batched, under the ``--amp`` autocast, ``cosettle.core.precision``), and block writes in a background
+thread, so the three overlap.
 Work is split into blocks of ``chunk_videos`` videos; shard i of n owns blocks c with c % n == i.
 
 What is sampled and stored is a *layout*: ``ViewsLayout`` here (Co-Settle's frame pairs, arrays
@@ -21,17 +22,18 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from cosettle.core.devices import resolve_device
+from cosettle.core.precision import autocast, recorded_amp, resolve_amp
 
 from .backbones import Backbone, load_backbone
 from .clip_extract import ClipsLayout
-from .extract_config import AMP_DTYPES, ExtractConfig, check_config
+from .extract_config import ExtractConfig, check_config
 from .store import FeatureStore, create_or_open
 from .store_settings import TOKEN_ARRAYS, StoreSettings, videos_digest
 from .transforms import apply_view
 from .videos import VideoError, discover_videos, open_video
 from .views import CROP_RATIO, CROP_SCALE, View, sample_views, video_rng
 
-__all__ = ["AMP_DTYPES", "BlockForward", "ExtractConfig", "MANIFEST_SCHEMA", "VideoViews", "ViewsLayout",
+__all__ = ["BlockForward", "ExtractConfig", "MANIFEST_SCHEMA", "VideoViews", "ViewsLayout",
            "extract", "store_settings"]
 
 
@@ -90,7 +92,7 @@ class BlockForward:
 
     def __init__(self, backbone: Backbone, cfg: ExtractConfig, device: torch.device):
         self.backbone, self.cfg, self.device = backbone, cfg, device
-        self.amp = AMP_DTYPES[cfg.amp] if device.type == "cuda" else None
+        self.amp = resolve_amp(cfg.amp, device)  # effective: "none", "bf16" or "fp16"
 
     def __call__(self, images: torch.Tensor, offsets: torch.Tensor | None) -> np.ndarray:
         """Patch tokens [N, T, D] of images [N, 3, S, S], asymmetric offsets [N, 2] or None."""
@@ -99,12 +101,12 @@ class BlockForward:
         )
 
     def map_batches(self, fn, images: torch.Tensor, extra: torch.Tensor | None = None) -> np.ndarray:
-        """``fn(batch, extra rows or None)`` over batches of images (autocast on CUDA), in the store dtype."""
+        """``fn(batch, extra rows or None)`` over batches of images (under the autocast), in the store dtype."""
         out = []
         for s in range(0, len(images), self.cfg.batch_size):
             x = images[s : s + self.cfg.batch_size].to(self.device, non_blocking=True)
             e = None if extra is None else extra[s : s + self.cfg.batch_size]
-            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            with autocast(self.amp, self.device):
                 f = fn(x, e)
             out.append(f.to(getattr(torch, self.cfg.array_dtype)).cpu())
         return torch.cat(out).numpy()
@@ -127,14 +129,16 @@ def _block_tokens(items: list[dict], forward: BlockForward, k: int, rows: int, l
     return tokens
 
 
-def store_settings(cfg: ExtractConfig, backbone: Backbone, videos: list[str]) -> StoreSettings:
-    """The settings a store of this run must have (every shard computes the same)."""
+def store_settings(cfg: ExtractConfig, backbone: Backbone, videos: list[str],
+                   autocast: str | None = None) -> StoreSettings:
+    """The settings a store of this run must have (every shard computes the same); ``autocast`` as
+    ``recorded_amp`` gives it (None: the device's default)."""
     return StoreSettings(
         backbone=backbone.name, weights=backbone.weights, weights_sha256=backbone.weights_sha256,
         image_size=backbone.image_size, grid=backbone.grid, dim=backbone.dim, dtype=cfg.dtype, views=cfg.views,
         clip_gap=cfg.clip_gap, crop_scale=CROP_SCALE, crop_ratio=CROP_RATIO, asy_ratio=cfg.asy_ratio,
         seed=cfg.seed, num_videos=len(videos), videos_sha256=videos_digest(videos),
-        chunk_videos=cfg.chunk_videos, compressor=cfg.compressor, final_norm=backbone.final_norm,
+        chunk_videos=cfg.chunk_videos, compressor=cfg.compressor, final_norm=backbone.final_norm, autocast=autocast,
     )
 
 
@@ -144,11 +148,11 @@ class ViewsLayout:
     name = "views"
     prefetch = 4  # items per DataLoader worker
 
-    def __init__(self, cfg: ExtractConfig, backbone: Backbone):
-        self.cfg, self.backbone = cfg, backbone
+    def __init__(self, cfg: ExtractConfig, backbone: Backbone, autocast: str | None = None):
+        self.cfg, self.backbone, self.autocast = cfg, backbone, autocast
 
     def settings(self, videos: list[str]) -> StoreSettings:
-        return store_settings(self.cfg, self.backbone, videos)
+        return store_settings(self.cfg, self.backbone, videos, self.autocast)
 
     def dataset(self, root: Path, todo: list[tuple[int, str]]) -> Dataset:
         return VideoViews(root, todo, self.cfg, self.backbone.image_size, self.backbone.grid)
@@ -162,9 +166,10 @@ class ViewsLayout:
         return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
 
 
-def make_layout(cfg: ExtractConfig, backbone: Backbone) -> ViewsLayout | ClipsLayout:
-    """The layout ``cfg`` asks for; refuses settings the backbone cannot do (e.g. cls without a class token)."""
-    return ClipsLayout(cfg, backbone) if cfg.layout == "clips" else ViewsLayout(cfg, backbone)
+def make_layout(cfg: ExtractConfig, backbone: Backbone, autocast: str | None = None) -> ViewsLayout | ClipsLayout:
+    """The layout ``cfg`` asks for (``autocast``: what its settings record, ``recorded_amp``); refuses
+    settings the backbone cannot do (e.g. cls without a class token)."""
+    return (ClipsLayout if cfg.layout == "clips" else ViewsLayout)(cfg, backbone, autocast)
 
 
 def extract(cfg: ExtractConfig) -> FeatureStore:
@@ -173,10 +178,11 @@ def extract(cfg: ExtractConfig) -> FeatureStore:
     index, count = cfg.shard
     root, videos = discover_videos(cfg.videos, cfg.root)
     device = resolve_device(cfg.device)
+    amp = resolve_amp(cfg.amp, device)  # refused before anything is loaded
     backbone = load_backbone(cfg.backbone, cfg.weights, device=device, arch=cfg.arch)
-    layout = make_layout(cfg, backbone)
-    store = create_or_open(cfg.out, layout.settings(videos), videos,
-                           resume=cfg.resume, overwrite=cfg.overwrite, join=count > 1)
+    layout = make_layout(cfg, backbone, recorded_amp(amp, device))
+    store = create_or_open(cfg.out, layout.settings(videos), videos, resume=cfg.resume, overwrite=cfg.overwrite,
+                           join=count > 1, default_autocast=resolve_amp("auto", device))
     done = store.finished_blocks()
     blocks = [c for c in range(store.num_blocks) if c % count == index and not done[c]]
     todo = [(i, videos[i]) for c in blocks for i in range(*store.block_rows(c))]

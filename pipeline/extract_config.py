@@ -4,15 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .clips import FAST_STRIDE, PLANS, SLOW_STRIDE
 from .pooling import POOLINGS
 from .quant import DTYPE as INT8
 from .store_settings import DTYPES
 from .views import CLIP_GAP
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 LAYOUTS = ("views", "clips")
 
 
@@ -34,7 +31,7 @@ class ExtractConfig:
     seed: int = 0
     batch_size: int = 64
     device: str = "auto"
-    amp: str = "bf16"
+    amp: str = "auto"  # cosettle.core.precision: bf16 on CUDA, float32 on CPU
     workers: int = 2
     shard: tuple[int, int] = (0, 1)
     resume: bool = False

@@ -16,6 +16,10 @@ The settings include the backbone's token rule (``final_norm``) only when it is 
 older stores of ``"all"`` backbones stay valid; a store made with another rule than its backbone's
 current one is refused by ``create_or_open`` (resume, join) and ``open_store`` (training).
 
+The settings record the forward pass's autocast (``autocast``, the effective ``--amp``) only when it
+is not what ``--amp auto`` gives on the device (bf16 on CUDA, float32 on CPU), as every store was made
+before the option existed; a store without it is resumed or joined only with that default.
+
 Beside it, ``NAME.manifest/part-BLOCK.parquet``: one row per (video, view) with what was sampled.
 
 That is the ``views`` layout (settings without a ``layout`` key). A ``clips`` store (settings
@@ -47,7 +51,7 @@ from cosettle.core.provenance import environment, mismatches, now_utc
 
 from .backbones import ALL, BACKBONES, FINAL_NORM_KEY
 from .quant import dequantize, quantize, scale_name
-from .store_settings import COMPRESSORS, LAYOUT_ARRAYS, ClipStoreSettings, StoreSettings
+from .store_settings import AUTOCAST_KEY, COMPRESSORS, LAYOUT_ARRAYS, ClipStoreSettings, StoreSettings
 
 FORMAT = 1
 ATTR = "cosettle_store"
@@ -251,11 +255,12 @@ def declared_arrays(settings: StoreSettings | ClipStoreSettings, videos: list[st
 
 
 def create_or_open(path: Path, settings: StoreSettings | ClipStoreSettings, videos: list[str], *, resume: bool,
-                   overwrite: bool, join: bool) -> FeatureStore:
+                   overwrite: bool, join: bool, default_autocast: str = "none") -> FeatureStore:
     """Open the store a writer fills, creating it atomically if it does not exist.
 
     ``join`` (sharded runs) and ``resume`` accept an existing store with identical settings; a
-    complete store is only replaced with ``overwrite``; any settings difference is an error.
+    complete store is only replaced with ``overwrite``; any settings difference is an error. A store
+    without ``autocast`` was made with ``default_autocast`` (that of ``--amp auto`` on this device).
     """
     path = Path(path)
     if overwrite and path.exists():
@@ -279,8 +284,11 @@ def create_or_open(path: Path, settings: StoreSettings | ClipStoreSettings, vide
         raise StoreError(f"{path}: a {store.layout} store, this run writes a {settings.layout} store; "
                          "use another path or --overwrite")
     # the token rule explicitly on both sides: a missing ``final_norm`` is "all", whichever side lacks it
-    rule = {FINAL_NORM_KEY: settings.final_norm}
-    diff = mismatches(settings.as_dict() | rule, store.settings | {FINAL_NORM_KEY: token_rule(store.settings)})
+    # and the autocast: a missing one is the device's default
+    rule = {FINAL_NORM_KEY: settings.final_norm, AUTOCAST_KEY: settings.autocast or default_autocast}
+    found = {FINAL_NORM_KEY: token_rule(store.settings),
+             AUTOCAST_KEY: store.settings.get(AUTOCAST_KEY, default_autocast)}
+    diff = mismatches(settings.as_dict() | rule, store.settings | found)
     if diff:
         raise StoreError(f"{path}: made with other settings ({'; '.join(diff)}); use another path or --overwrite")
     if store.complete:

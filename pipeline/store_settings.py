@@ -19,6 +19,7 @@ LAYOUT_ARRAYS = {"views": TOKEN_ARRAYS, "clips": CLIP_ARRAYS}
 # bench/store_codecs.py: zstd-shuffle compresses float16 and int8 tokens best, zstd (bitshuffle) hardly int8;
 # none stays the default, as every codec saving >5% decoded at under 0.66x raw chunks' rate per CPU second.
 COMPRESSORS = ("none", "zstd", "lz4", "zstd-shuffle")
+AUTOCAST_KEY = "autocast"
 DTYPES = ("float16", "float32", INT8)
 
 
@@ -54,13 +55,14 @@ class StoreSettings:
     chunk_videos: int
     compressor: str
     final_norm: str = ALL  # the backbone's token rule; recorded only when not "all"
+    autocast: str | None = None  # the effective --amp; None: the device's default, not recorded
     layout: ClassVar[str] = "views"  # not recorded: a store without ``layout`` is a views store
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["crop_scale"], d["crop_ratio"] = list(self.crop_scale), list(self.crop_ratio)
-        del d[FINAL_NORM_KEY]
-        return d | final_norm_record(self.final_norm)
+        del d[FINAL_NORM_KEY], d[AUTOCAST_KEY]
+        return d | final_norm_record(self.final_norm) | autocast_record(self.autocast)
 
     @property
     def tokens(self) -> int:
@@ -103,14 +105,15 @@ class ClipStoreSettings:
     chunk_videos: int
     compressor: str
     final_norm: str = ALL  # the backbone's token rule; recorded only when not "all"
+    autocast: str | None = None  # the effective --amp; None: the device's default, not recorded
     layout: ClassVar[str] = "clips"
 
     def as_dict(self) -> dict:
         d = {"layout": self.layout, **asdict(self)}
         params = json.loads(json.dumps(d.pop("plan_params")))  # tuples -> lists, as read back
         d["levels"], d["crop_scale"], d["crop_ratio"] = list(self.levels), list(self.crop_scale), list(self.crop_ratio)
-        del d[FINAL_NORM_KEY]
-        return {**d, **params, **final_norm_record(self.final_norm)}
+        del d[FINAL_NORM_KEY], d[AUTOCAST_KEY]
+        return {**d, **params, **final_norm_record(self.final_norm), **autocast_record(self.autocast)}
 
     @property
     def num_blocks(self) -> int:
@@ -123,6 +126,11 @@ class ClipStoreSettings:
                                 ("view", "video", "clip", "frame", "level", "channel")),
             "labels": ArraySpec((k, v, len(LABELS)), (1, c, len(LABELS)), "int16", -1, ("view", "video", "label")),
         })
+
+
+def autocast_record(autocast: str | None) -> dict:
+    """The settings entry of an autocast: none for the device's default (None), else ``{"autocast": it}``."""
+    return {} if autocast is None else {AUTOCAST_KEY: autocast}
 
 
 def with_scales(arrays: dict[str, ArraySpec]) -> dict[str, ArraySpec]:

@@ -17,7 +17,8 @@ def open_stores(paths: list[str | Path]) -> list[FeatureStore]:
     shared = {k: v for k, v in first.settings.items() if k not in PER_STORE_KEYS}
     seen: dict[str, Path] = {}
     for s in stores:
-        diff = mismatches(shared, s.settings)
+        # a setting only one side records (e.g. autocast, recorded since --amp) is a difference too
+        diff = mismatches(shared | dict.fromkeys(s.settings.keys() - first.settings.keys()), s.settings)
         if diff:
             raise StoreError(f"{s.path}: cannot be combined with {first.path} ({'; '.join(diff)})")
         digest = s.settings["videos_sha256"]

@@ -60,7 +60,7 @@ def propagation_options(fn: Callable, required: bool = True) -> Callable:
         fn = _setting_option(f)(fn)
     fn = click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
                       help="Propagation preset (default: the task's).")(fn)
-    fn = backbone_options(fn, required)
+    fn = backbone_options(fn, required, amp="none")  # frame features: float32 unless asked
     fn = click.option("--cache", type=click.Path(path_type=Path), default=None,
                       help="Features cache (a Zarr store) to use or create [default: eval_cache/<backbone>_<weights>_<key>.zarr].")(fn)
     return click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
@@ -72,7 +72,7 @@ def config_from_cli(kw: dict, default_preset: str, task_defaults: dict | None = 
     settings = propagation_settings({k: kw.pop(k) for k in (*FIELDS, "preset")}, default_preset, task_defaults)
     return EvalConfig(root=kw["root"], out=kw["out"], backbone=kw["backbone"], weights=kw["weights"],
                       projection=projection_path(kw["projection"]), settings=settings, device=kw["device"],
-                      cache=kw["cache"], batch_size=kw["batch_size"], arch=kw["arch"])
+                      cache=kw["cache"], batch_size=kw["batch_size"], amp=kw["amp"], arch=kw["arch"])
 
 
 def propagation_task(name: str, description: str, command: click.Command, evaluate: Callable[..., dict],
@@ -88,6 +88,7 @@ def propagation_task(name: str, description: str, command: click.Command, evalua
     def check(options: dict) -> None:
         propagation_settings(options, default_preset, task_defaults)
 
+    # --amp is a command-line option only: a new sweep option would change every sweep's provenance digests
     options = {"preset": None, "batch_size": 8} | dict.fromkeys(FIELDS) | extra
     types = {"preset": (str,)} | {k: option_types(getattr(PRESETS["dino"], k)) for k in FIELDS} | {"size": (list,)}
     return EvalTask(name, "frame", description, command, run, options, "root", paths, types, check)

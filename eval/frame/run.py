@@ -30,6 +30,7 @@ class EvalConfig:
     device: str = "auto"
     cache: Path | None = None
     batch_size: int = 8
+    amp: str = "none"  # the backbone's autocast (cosettle.core.precision); frame features default to float32
     arch: dict | None = None  # tiny architectures for tests
 
 
@@ -42,12 +43,12 @@ def open_source(cfg: EvalConfig) -> tuple[FeatureSource, dict]:
         projection, proj_info = open_run(Path(projection), backbone, device)
     elif projection is not None:
         proj_info = {"module": type(projection).__name__}
-    source = FeatureSource(backbone, cfg.settings, cfg.cache, projection, device, cfg.batch_size)
+    source = FeatureSource(backbone, cfg.settings, cfg.cache, projection, device, cfg.batch_size, cfg.amp)
     record = {
         "backbone": {"name": backbone.name, "weights": backbone.weights, "weights_sha256": backbone.weights_sha256,
                      "dim": backbone.dim, "patch_size": backbone.patch_size},
         "projection": proj_info, "settings": cfg.settings.as_dict(), "cache": str(source.cache.path.resolve()),
-        "device": str(device), "root": str(Path(cfg.root).resolve()),
+        "device": str(device), "autocast": source.amp, "root": str(Path(cfg.root).resolve()),
     }
     return source, record
 

@@ -24,14 +24,16 @@ def protocol_for(task: str, options: dict) -> ClipProtocol:
 
 def make_config(dataset: str, root: Path, out: Path, backbone: str, weights: str, options: dict,
                 projection: Path | None = None, cache: Path | None = None, device: str = "auto",
-                arch: dict | None = None) -> ActionEvalConfig:
-    """The run's config from a command's or a sweep's options (the same names in both)."""
+                arch: dict | None = None, amp: str = "auto") -> ActionEvalConfig:
+    """The run's config from a command's or a sweep's options (the same names in both); ``amp`` is a
+    command-line option only (sweeps keep the default, so their provenance digests stay as they were)."""
     lists = options.get("lists")
     return ActionEvalConfig(
         dataset=dataset, root=root, out=out, backbone=backbone, weights=weights, task=options["task"],
         split=str(options["split"]), projection=projection, protocol=protocol_for(options["task"], options),
         lists=Path(lists) if lists else None, strict=options["strict"], k=options["k"],
-        temperature=options["temperature"], cache=cache, device=device, batch_size=options["batch_size"], arch=arch)
+        temperature=options["temperature"], cache=cache, device=device, batch_size=options["batch_size"],
+        amp=amp, arch=arch)
 
 
 def _command(dataset: str, title: str) -> click.Command:
@@ -56,15 +58,16 @@ def _command(dataset: str, title: str) -> click.Command:
     @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Results folder.")
     @_backbone_options
     @one_line_errors
-    def command(root, out, backbone, weights, projection, device, cache, arch, **options) -> None:
-        cfg = make_config(dataset, root, out, backbone, weights, options, projection_path(projection), cache, device, arch)
+    def command(root, out, backbone, weights, projection, device, cache, arch, amp, **options) -> None:
+        cfg = make_config(dataset, root, out, backbone, weights, options, projection_path(projection), cache, device,
+                          arch, amp)
         click.echo(format_table(evaluate_action(cfg)))
     return command
 
 
 def _backbone_options(fn):
     """The backbone options, 64 frames per forward pass by default (clips fill batches)."""
-    return backbone_options(fn, batch_size=64)
+    return backbone_options(fn, batch_size=64, amp="auto")
 
 
 def _task(dataset: str, title: str) -> EvalTask:

@@ -53,6 +53,7 @@ class ActionEvalConfig:
     cache: Path | None = None
     device: str = "auto"
     batch_size: int = 64
+    amp: str = "auto"  # the backbone's autocast (cosettle.core.precision): bf16 on CUDA, float32 elsewhere
     arch: dict | None = None  # tiny architectures for tests
 
     def __post_init__(self) -> None:
@@ -147,7 +148,7 @@ def evaluate_action(cfg: ActionEvalConfig) -> dict:
     module, run_info = open_run(cfg.projection, backbone, device) if cfg.projection is not None else (None, None)
     protocol = run_protocol(cfg, run_info, module)
     source = ClipFeatureSource(backbone, protocol, protocol_cache(cfg.cache, cfg.protocol, protocol), module, run_info,
-                               device, cfg.batch_size, clip_text)
+                               device, cfg.batch_size, clip_text, cfg.amp)
     per_split, reports = {}, []
     for split in cfg.splits:
         per_split[split], split_reports = score_split(cfg, source, split, names, clip_text)

@@ -33,6 +33,7 @@ import zarr
 from tqdm import tqdm
 
 from cosettle.core.errors import first_line
+from cosettle.core.precision import autocast, resolve_amp
 from cosettle.core.provenance import digest
 from cosettle.eval.frame.analysis_report import clip_input
 from cosettle.eval.video.datasets import ActionVideo
@@ -135,12 +136,14 @@ def pool_frames(cls: torch.Tensor | None, patches: torch.Tensor, pooling: str,
     raise ValueError(f"unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")
 
 
-def precision(device: torch.device) -> str:
-    """The backbone's compute precision on ``device``: bf16 autocast on CUDA, float32 elsewhere."""
-    return "bf16-autocast" if device.type == "cuda" else "float32"
+def precision(amp: str) -> str:
+    """The backbone's compute precision under an effective autocast (``cosettle.core.precision``), as
+    keys record it: "float32", "bf16-autocast" (``--amp auto`` on CUDA) or "fp16-autocast"."""
+    return "float32" if amp == "none" else f"{amp}-autocast"
 
 
-def cache_key(backbone: Backbone, protocol: ClipProtocol, clip_text: ClipText | None, device: torch.device) -> dict:
+def cache_key(backbone: Backbone, protocol: ClipProtocol, clip_text: ClipText | None, device: torch.device,
+              amp: str = "auto") -> dict:
     """Everything that decides the cached clip vectors but the trained run (which names an entry's
     variant, so the frozen backbone and its trained runs share one cache). The backbone's token rule
     (``final_norm``) is in it only when not "all", so caches of "all" backbones keep their key."""
@@ -152,7 +155,7 @@ def cache_key(backbone: Backbone, protocol: ClipProtocol, clip_text: ClipText | 
         "text_weights_sha256": clip_text.weights_sha256 if protocol.pooling == "clip" else "none",
         "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
                           "resize": "bilinear, antialias (torchvision Resize) + centre crop"},
-        "precision": precision(device), "dtype": "float32",
+        "precision": precision(resolve_amp(amp, device)), "dtype": "float32",
         **final_norm_record(backbone.final_norm),
     }
 
@@ -176,12 +179,14 @@ class ClipFeatureSource:
     ``cache``: the Zarr store, or None for ``default_cache_path``. ``projection`` and
     ``projection_info`` (its provenance, e.g. from ``open_run``) come together: the info keys the
     cache. ``clip_text`` is needed for pooling ``clip`` and must come from the backbone's release.
-    The backbone (and projection, text tower) are moved to ``device``.
+    The backbone (and projection, text tower) are moved to ``device``; it runs under the ``amp``
+    autocast (``--amp``; auto: bf16 on CUDA, float32 elsewhere), which the key records.
     """
 
     def __init__(self, backbone: Backbone, protocol: ClipProtocol, cache: Path | None = None,
                  projection: torch.nn.Module | None = None, projection_info: dict | None = None,
-                 device: torch.device | str = "cpu", batch_size: int = 64, clip_text: ClipText | None = None):
+                 device: torch.device | str = "cpu", batch_size: int = 64, clip_text: ClipText | None = None,
+                 amp: str = "auto"):
         if protocol.pooling in NEEDS_CLASS_TOKEN and backbone.model.cls_token is None:
             raise ValueError(f"{backbone.name} has no class token; pooling {protocol.pooling!r} needs one (use 'mean')")
         if (projection is None) != (projection_info is None):
@@ -195,6 +200,7 @@ class ClipFeatureSource:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.device = torch.device(device)
+        self.amp = resolve_amp(amp, self.device)
         self.backbone = backbone.to(self.device)
         self.protocol = protocol
         module = projection.to(self.device).eval() if projection is not None else None
@@ -206,7 +212,7 @@ class ClipFeatureSource:
         self.projection_info = projection_info
         self.clip_text = clip_text.to(self.device) if clip_text is not None else None
         self.batch_size = batch_size
-        self.key = cache_key(backbone, protocol, clip_text, self.device)
+        self.key = cache_key(backbone, protocol, clip_text, self.device, self.amp)
         self.variant = variant_name(projection_info)
         self.cache_path = Path(cache) if cache is not None else default_cache_path(self.key)
         self.cache = ZarrCache(self.cache_path, self.key, ATTR)
@@ -292,8 +298,8 @@ class ClipFeatureSource:
 
     @torch.no_grad()
     def _pool(self, images: torch.Tensor) -> torch.Tensor:
-        # Only the backbone runs in bf16 on CUDA; projection and pooling stay float32.
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        # Only the backbone runs under the autocast; projection and pooling stay float32.
+        with autocast(self.amp, self.device):
             if self.head is not None:
                 return self.backbone.level_vectors(images, self.protocol.levels, self.protocol.pooling).float()
             cls, patches = self.backbone.tokens(images)
