@@ -133,6 +133,12 @@ def assert_one_line_error(result: Result, *needles: str) -> str:
 
 
 # -- comparing what runs leave behind ----------------------------------------------------------
+def copy_store(src: Path, dst: Path) -> None:
+    """A copy of the store ``src`` and its manifest folder at ``dst``."""
+    shutil.copytree(src, dst)
+    shutil.copytree(src.with_suffix(".manifest"), dst.with_suffix(".manifest"))
+
+
 def arrays(path: Path) -> dict[str, zarr.Array]:
     """Every array of a Zarr group, nested ones too, by path."""
     members = zarr.open_group(str(path), mode="r").members(max_depth=None)

@@ -1,13 +1,12 @@
 """cosettle-extract under faults: killed at random points and resumed, a full disk, a damaged
 manifest part."""
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
-from fault_harness import assert_one_line_error, assert_same_arrays, assert_same_manifest, run, run_killed
+from fault_harness import assert_one_line_error, assert_same_arrays, assert_same_manifest, copy_store, run, run_killed
 
 from cosettle.pipeline.synthetic import moving_scene, write_frame_folder
 
@@ -75,8 +74,7 @@ def test_full_disk_is_one_line_naming_the_array_and_keeps_finished_blocks(videos
 def test_damaged_manifest_part_is_one_line_naming_it_and_deleting_it_redoes_its_block(videos, uninterrupted, tmp_path):
     want, _ = uninterrupted
     out = tmp_path / "s.zarr"
-    shutil.copytree(want, out)
-    shutil.copytree(want.with_suffix(".manifest"), out.with_suffix(".manifest"))
+    copy_store(want, out)
     part = out.with_suffix(".manifest") / "part-000003.parquet"
     part.write_bytes(b"\x00garbage" * 64)
     line = assert_one_line_error(run("extract", args(videos, out), tmp_path / "resume"), str(part), "block 3")

@@ -1,12 +1,11 @@
 """cosettle-train under faults: killed at random points and resumed, a damaged store, a full disk."""
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 
 import pytest
-from fault_harness import assert_one_line_error, assert_same_run, finish, run, run_killed, start
+from fault_harness import assert_one_line_error, assert_same_run, copy_store, finish, run, run_killed, start
 
 from cosettle.trainer.run_dir import RunDir, RunError
 from cosettle.trainer.synthetic import write_synthetic_store
@@ -49,8 +48,7 @@ def test_killed_at_a_random_point_then_resumed_equals_an_uninterrupted_run(store
 def test_truncated_chunk_is_one_line_naming_it_and_keeps_finished_epochs(store, uninterrupted, tmp_path):
     want, _ = uninterrupted
     damaged = tmp_path / "s.zarr"
-    shutil.copytree(store, damaged)
-    shutil.copytree(store.with_suffix(".manifest"), damaged.with_suffix(".manifest"))
+    copy_store(store, damaged)
     chunk = damaged / "b" / "c" / "1" / "2" / "0" / "0"  # view 1 (epoch 1) of block 2
     good = chunk.read_bytes()
     chunk.write_bytes(good[: len(good) // 3])
