@@ -48,6 +48,8 @@ Progress bars go to stderr; the report goes to stdout. ``--out`` must be empty o
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import math
 import os
@@ -70,11 +72,13 @@ from cosettle.pipeline.backbones import load_backbone
 from cosettle.pipeline.extract import ExtractConfig, extract
 from cosettle.pipeline.videos import open_video
 from cosettle.trainer.config import TrainConfig
+from cosettle.trainer.temporal_head import HEAD_INPUTS, TemporalHead
 from cosettle.trainer.train import train
 
 BACKBONE = "dino_vitb"
 OBJECTIVES = ("vthcl", "cstp")
 LABELS = {"frozen": "frozen mean pooling", "vthcl": "+ VTHCL head", "cstp": "+ CSTP head",
+          "untrained": "control: the heads' common initial state (no training)",
           "motion": "reference: frozen mean abs frame difference (no training)"}
 CSTP_CHANCE = {"acc_spatial": 1 / 5, "acc_temporal": 1 / 5, "acc_pace": 1 / 4, "acc_rotation": 1 / 4}
 
@@ -97,11 +101,13 @@ def parse_args() -> argparse.Namespace:
     a("--levels", default="2,4", help="1-based ViT blocks pooled into the clip stores.")
     a("--pooling", default="mean", choices=["mean", "cls", "cls+mean"], help="Per-frame pooling of the clip stores.")
     a("--epochs-vthcl", type=int, default=100)
-    a("--epochs-cstp", type=int, default=200)
+    a("--epochs-cstp", type=int, default=100)
     a("--batch-size", type=int, default=16)
     a("--lr", type=float, default=1e-3, help="Peak learning rate; blr = lr * 256 / batch size.")
     a("--width", type=int, default=64, help="Temporal head width.")
     a("--depth", type=int, default=1, help="Temporal head layers per level.")
+    a("--head-input", default="centred", choices=HEAD_INPUTS, help="What both heads read per frame (objective "
+      "option head_input): 'centred' = frame vectors minus their clip mean, so a head cannot use static appearance.")
     a("--queue", type=int, default=128, help="VTHCL negatives per level.")
     a("--clips", type=int, default=4, help="Evaluation clips per video.")
     a("--stride", type=int, default=2, help="Evaluation frame stride inside a clip.")
@@ -138,7 +144,7 @@ def make_store(args, world: dict, plan: str, out: Path, arch: dict, levels: tupl
 
 
 def train_head(args, objective: str, store: Path, run: Path) -> dict:
-    extra = {"queue": args.queue} if objective == "vthcl" else {}
+    extra = {"head_input": args.head_input} | ({"queue": args.queue} if objective == "vthcl" else {})
     epochs = getattr(args, f"epochs_{objective}")
     cfg = TrainConfig.from_flat(objective=objective, features=(str(store),), out=str(run), epochs=epochs,
                                 batch_size=args.batch_size, blr=args.lr * 256 / args.batch_size, width=args.width,
@@ -207,13 +213,32 @@ def motion_reference(world: dict, arch: dict, protocol: ClipProtocol, cache: Pat
 
     xtr = np.stack([descriptor(v) for v in world["train"]])
     xte = np.stack([descriptor(v) for v in world["test"]])
+    return score(world, xtr, xte) | {"protocol": protocol.as_dict(), "wall_s": time.perf_counter() - t0}
+
+
+def score(world: dict, xtr: np.ndarray, xte: np.ndarray) -> dict:
+    """The three tasks' numbers from the metric functions, on train / test video vectors."""
     ytr = np.array([v.label for v in world["train"]])
     yte = np.array([v.label for v in world["test"]])
     probe = metrics.linear_probe(xtr, ytr, xte, yte)
     return {"knn": metrics.knn_classify(xtr, ytr, xte, yte, len(ACTION_CLASSES), k=20, temperature=0.07),
             "retrieval": metrics.recall_at_k(xte, yte, xtr, ytr),
-            "linear": {"top1": probe["top1"], "top5": probe["top5"], "C": probe["C"]},
-            "protocol": protocol.as_dict(), "wall_s": time.perf_counter() - t0}
+            "linear": {"top1": probe["top1"], "top5": probe["top5"], "C": probe["C"]}}
+
+
+def untrained_control(args, world: dict, arch: dict, protocol: ClipProtocol, levels: tuple[int, ...],
+                      settings: dict, cache: Path) -> dict:
+    """The temporal head both objectives start from (seeded by ``--seed`` alone), evaluated untrained: what
+    the head's architecture and input give without any objective."""
+    t0 = time.perf_counter()
+    head = TemporalHead(int(settings["dim"]), int(settings["frames"]), len(levels), args.width, args.depth,
+                        seed=args.seed, inputs=args.head_input)
+    protocol = dataclasses.replace(protocol, levels=levels, pooling=args.pooling)
+    info = {"untrained_head": {"seed": args.seed, "width": args.width, "depth": args.depth, "inputs": args.head_input}}
+    source = ClipFeatureSource(load_backbone(BACKBONE, "random", arch=arch), protocol, cache, head, info)
+    xtr, _ = source.video_vectors("ucf101", world["train"])
+    xte, _ = source.video_vectors("ucf101", world["test"])
+    return score(world, xtr, xte) | {"protocol": protocol.as_dict(), "wall_s": time.perf_counter() - t0}
 
 
 def print_results(rows: dict, trained: dict, n_test: int) -> list[str]:
@@ -227,10 +252,12 @@ def print_results(rows: dict, trained: dict, n_test: int) -> list[str]:
         wall = f"{trained[row]['wall_s']:.0f} s ({trained[row]['step_s']:.0f} s in steps)" if row in trained else "-"
         print(f"| {LABELS[row]} | {k1:.3f} +- {se(k1, n_test):.3f} | {r1:.3f} +- {se(r1, n_test):.3f} | "
               f"{r5:.3f} | {lin:.3f} | {wall} |")
-    verdicts, base = [], rows["frozen"]
-    for obj in OBJECTIVES:
+    verdicts = []
+    # Against frozen mean pooling (the criterion) and against the untrained head (what training itself adds).
+    for obj, (base, name) in itertools.product(OBJECTIVES, (("frozen", "frozen mean pooling"),
+                                                            ("untrained", "the untrained head"))):
         for metric, get in (("kNN top-1", lambda r: r["knn"]["top1"]), ("retrieval R@1", lambda r: r["retrieval"]["R@1"])):
-            a, b = get(rows[obj]), get(base)
+            a, b = get(rows[obj]), get(rows[base])
             noise = 2 * math.sqrt(se(a, n_test) ** 2 + se(b, n_test) ** 2)
             if a <= b:
                 word = "does NOT beat it" + (f" (lower by more than 2 standard errors, {noise:.3f})" if b - a > noise else "")
@@ -238,7 +265,7 @@ def print_results(rows: dict, trained: dict, n_test: int) -> list[str]:
                 word = f"beats it by more than 2 standard errors ({noise:.3f})"
             else:
                 word = f"is higher, but within 2 standard errors ({noise:.3f}): not a resolved gain"
-            verdicts.append(f"{obj.upper()} vs frozen mean pooling, {metric}: {a:.3f} vs {b:.3f} ({a - b:+.3f}): {word}")
+            verdicts.append(f"{obj.upper()} vs {name}, {metric}: {a:.3f} vs {b:.3f} ({a - b:+.3f}): {word}")
     print("\n" + "\n".join(verdicts))
     return verdicts
 
@@ -265,7 +292,7 @@ def main() -> None:
               "for a pretrained encoder that cannot be downloaded here")
         print(f"- clip stores (train videos only): {args.views} pairs per video, {args.clip_frames} frames per clip, "
               f"levels {list(levels)}, pooling {args.pooling}")
-        print(f"- heads: width {args.width}, depth {args.depth}; {args.epochs_vthcl} epochs VTHCL, {args.epochs_cstp} "
+        print(f"- heads: width {args.width}, depth {args.depth}, input {args.head_input}; {args.epochs_vthcl} epochs VTHCL, {args.epochs_cstp} "
               f"epochs CSTP, batch {args.batch_size}, "
               f"peak lr {args.lr:g} (blr {args.lr * 256 / args.batch_size:g}), AdamW wd 0.05, 1 warm-up epoch, "
               f"cosine; VTHCL queue {args.queue}; objective options otherwise at their defaults")
@@ -286,6 +313,8 @@ def main() -> None:
         rows = {"frozen": evaluate(args, world, "frozen", None, evals, arch, protocol)}
         for obj in OBJECTIVES:
             rows[obj] = evaluate(args, world, obj, out / "runs" / obj, evals, arch, protocol)
+        rows["untrained"] = untrained_control(args, world, arch, protocol, levels, stores["vthcl"]["settings"],
+                                              evals / "cache-untrained.zarr")
         rows["motion"] = motion_reference(world, arch, protocol, evals / "cache-frozen.zarr")
         verdicts = print_results(rows, trained, n_test)
         wall = time.perf_counter() - started
