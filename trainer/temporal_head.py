@@ -32,9 +32,34 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .objective import Option
 from .projection import ProjectionError
 
 MLP_RATIO = 2  # feed-forward width / model width inside the temporal transformer
+# What each level's input projection reads (``head_input``): "tokens" the frame vectors x_t as stored;
+# "centred" x_t - mean_t(x) (the clip's static part, i.e. its appearance, removed); "diff" the
+# consecutive differences x_t - x_{t-1} (0 at t = 0); "tokens+diff" x_t and x_t - x_{t-1} side by side.
+HEAD_INPUTS = ("tokens", "centred", "diff", "tokens+diff")
+
+HEAD_INPUT_OPTION = Option(
+    "tokens", "What the temporal head reads per frame: the stored vectors ('tokens'), the vectors minus their "
+    "clip mean ('centred': the static appearance removed, so the representation can only carry change), "
+    "consecutive differences ('diff'), or vectors and differences side by side ('tokens+diff').",
+    choices=HEAD_INPUTS)
+
+
+def head_input(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """Frame vectors [B, T, D'] -> what a level projects, [B, T, D'] ([B, T, 2 D'] for "tokens+diff")."""
+    if mode == "tokens":
+        return x
+    if mode == "centred":
+        return x - x.mean(dim=1, keepdim=True)
+    diff = torch.cat([torch.zeros_like(x[:, :1]), x[:, 1:] - x[:, :-1]], dim=1)
+    if mode == "diff":
+        return diff
+    if mode == "tokens+diff":
+        return torch.cat([x, diff], dim=-1)
+    raise ValueError(f"unknown head input {mode!r}; expected one of {', '.join(HEAD_INPUTS)}")
 
 
 def seeded_init_(module: nn.Module, generator: torch.Generator) -> nn.Module:
@@ -68,16 +93,17 @@ def mlp(dims: Sequence[int], norm: bool = False) -> nn.Sequential:
 class _Level(nn.Module):
     """One level of the head: [B, T, D'] -> [B, width]."""
 
-    def __init__(self, dim: int, frames: int, width: int, depth: int, heads: int):
+    def __init__(self, dim: int, frames: int, width: int, depth: int, heads: int, inputs: str):
         super().__init__()
-        self.proj = nn.Linear(dim, width)
+        self.inputs = inputs
+        self.proj = nn.Linear(2 * dim if inputs == "tokens+diff" else dim, width)
         self.pos = nn.Parameter(torch.zeros(frames, width))
         layer = nn.TransformerEncoderLayer(width, heads, MLP_RATIO * width, dropout=0.0, activation="gelu",
                                            batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, depth, norm=nn.LayerNorm(width), enable_nested_tensor=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(self.proj(x) + self.pos).mean(dim=1)
+        return self.encoder(self.proj(head_input(x, self.inputs)) + self.pos).mean(dim=1)
 
 
 class TemporalHead(nn.Module):
@@ -88,7 +114,7 @@ class TemporalHead(nn.Module):
     """
 
     def __init__(self, dim: int, frames: int, levels: int | Sequence[int], width: int = 256, depth: int = 2,
-                 heads: int = 4, seed: int = 0):
+                 heads: int = 4, seed: int = 0, inputs: str = "tokens"):
         super().__init__()
         num_levels = levels if isinstance(levels, int) else len(levels)
         if num_levels < 1 or frames < 1 or dim < 1:
@@ -96,8 +122,10 @@ class TemporalHead(nn.Module):
         if width % heads:
             raise ProjectionError(f"temporal head: width {width} is not a multiple of its {heads} "
                                   "attention heads")
+        if inputs not in HEAD_INPUTS:
+            raise ProjectionError(f"temporal head: unknown input {inputs!r}; expected one of {', '.join(HEAD_INPUTS)}")
         self.dim, self.frames, self.num_levels, self.width = dim, frames, num_levels, width
-        self.levels = nn.ModuleList(_Level(dim, frames, width, depth, heads) for _ in range(num_levels))
+        self.levels = nn.ModuleList(_Level(dim, frames, width, depth, heads, inputs) for _ in range(num_levels))
         seeded_init_(self, torch.Generator().manual_seed(seed))
 
     @property

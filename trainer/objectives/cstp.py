@@ -36,6 +36,7 @@ from torch import nn
 
 from ..objective import Loss, ObjectiveSpec, Option, register
 from ..temporal_head import (
+    HEAD_INPUT_OPTION,
     TemporalHead,
     clip_settings,
     frozen_copy,
@@ -81,10 +82,10 @@ class CSTPModel(nn.Module):
     """Online head, projector (+ predictor and EMA target for BYOL) and the four pretext heads."""
 
     def __init__(self, dim: int, frames: int, blocks: list[int], width: int = 256, depth: int = 2,
-                 contrastive: str = "byol", seed: int = 0):
+                 contrastive: str = "byol", seed: int = 0, inputs: str = "tokens"):
         super().__init__()
         self.blocks, self.contrastive = list(blocks), contrastive
-        self.head = TemporalHead(dim, frames, len(blocks), width, depth, seed=seed)
+        self.head = TemporalHead(dim, frames, len(blocks), width, depth, seed=seed, inputs=inputs)
         e = self.head.out_dim
         gen = torch.Generator().manual_seed(seed + 1)
         self.projector = seeded_init_(mlp([e, 2 * width, PROJ_DIM], norm=True), gen)
@@ -129,7 +130,8 @@ class CSTPModel(nn.Module):
 
 def _model(settings: dict, options: dict, seed: int) -> nn.Module:
     dim, frames, blocks = clip_settings(settings, "cstp", "cstp")
-    return CSTPModel(dim, frames, blocks, options["width"], options["depth"], options["contrastive"], seed)
+    return CSTPModel(dim, frames, blocks, options["width"], options["depth"], options["contrastive"], seed,
+                     options["head_input"])
 
 
 def _loss(options: dict) -> Loss:
@@ -188,6 +190,7 @@ register(ObjectiveSpec(
                         requirement="must be a positive multiple of 4 (the attention heads)"),
         "depth": Option(2, "Transformer layers per level in the temporal head.",
                         check=lambda v: v >= 1, requirement="must be at least 1"),
+        "head_input": HEAD_INPUT_OPTION,
         "w_contrastive": _weight("the contrastive term", 0.1),
         "w_spatial": _weight("the spatial-overlap cross-entropy", 1.0),
         "w_temporal": _weight("the temporal-overlap cross-entropy", 1.0),

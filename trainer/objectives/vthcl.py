@@ -38,6 +38,7 @@ from torch import nn
 from ..objective import Loss, ObjectiveSpec, Option, register
 from ..projection import ProjectionError
 from ..temporal_head import (
+    HEAD_INPUT_OPTION,
     TemporalHead,
     clip_settings,
     frozen_copy,
@@ -96,11 +97,11 @@ class VTHCLModel(nn.Module):
     """Online head + per-level projectors, their momentum copies, and the per-level key queues."""
 
     def __init__(self, dim: int, frames: int, blocks: list[int], width: int = 256, depth: int = 2,
-                 queue: int = 4096, seed: int = 0):
+                 queue: int = 4096, seed: int = 0, inputs: str = "tokens"):
         super().__init__()
         self.blocks = list(blocks)
         levels = len(self.blocks)
-        self.head = TemporalHead(dim, frames, levels, width, depth, seed=seed)
+        self.head = TemporalHead(dim, frames, levels, width, depth, seed=seed, inputs=inputs)
         gen = torch.Generator().manual_seed(seed + 1)
         self.projectors = nn.ModuleList(seeded_init_(mlp([width, width, PROJ_DIM]), gen) for _ in range(levels))
         self.head_momentum = frozen_copy(self.head)
@@ -152,7 +153,8 @@ def _model(settings: dict, options: dict, seed: int) -> nn.Module:
     if weights is not None and len(weights) != len(blocks):
         raise ProjectionError(f"--level-weights: {len(weights)} weights for the store's {len(blocks)} levels "
                               f"(blocks {', '.join(map(str, blocks))})")
-    return VTHCLModel(dim, frames, blocks, options["width"], options["depth"], options["queue"], seed)
+    return VTHCLModel(dim, frames, blocks, options["width"], options["depth"], options["queue"], seed,
+                      options["head_input"])
 
 
 def _loss(options: dict) -> Loss:
@@ -209,6 +211,7 @@ register(ObjectiveSpec(
         "level_weights": Option("", "Per-level loss weights as a comma list, one per store level "
                                     "(e.g. '1,1,2'); empty = all 1 (summed).",
                                 check=_weights_ok, requirement="must be non-negative numbers, not all zero"),
+        "head_input": HEAD_INPUT_OPTION,
         "symmetric": Option(True, "Also let the fast clip query the slow clip (mean of both directions)."),
     },
 ))
