@@ -37,8 +37,7 @@ from zarr.storage import LocalStore
 from cosettle.core.atomic import naming_failures
 from cosettle.core.errors import first_line
 from cosettle.core.provenance import environment, mismatches, now_utc
-
-READ_ERRORS = (ValueError, RuntimeError, OSError)  # zarr reports a damaged chunk as the decode step that failed
+from cosettle.pipeline.chunk_reads import DamagedChunk, read_rows
 
 
 class CacheError(Exception):
@@ -116,18 +115,12 @@ class ZarrCache:
     def read(self, array: zarr.Array, lo: int = 0, hi: int | None = None) -> np.ndarray:
         """Rows [lo, hi) of a published entry; a damaged chunk file is a CacheError naming it."""
         try:
-            return array[lo:hi]
-        except READ_ERRORS as e:
-            error = e
-        step = array.chunks[0]
-        for first in range(lo - lo % step, array.shape[0] if hi is None else hi, step):  # find the chunk
-            try:
-                array[first : first + step]
-            except READ_ERRORS as e:
-                key = array.metadata.encode_chunk_key((first // step,) + (0,) * (array.ndim - 1))
-                raise CacheError(f"{self.path / array.path / key}: damaged cache chunk ({first_line(e)}); "
-                                 f"delete {self.path / array.path} to compute it again") from None
-        raise CacheError(f"{self.path / array.path}: unreadable cache entry ({first_line(error)})")
+            return read_rows(array, (), lo, hi)
+        except DamagedChunk as d:
+            if d.key is None:
+                raise CacheError(f"{self.path / array.path}: unreadable cache entry ({first_line(d.error)})") from None
+            raise CacheError(f"{self.path / array.path / d.key}: damaged cache chunk ({first_line(d.error)}); "
+                             f"delete {self.path / array.path} to compute it again") from None
 
     def put(self, name: str, shape: tuple, dtype: str, fill: Callable[[zarr.Array], None], attrs: dict,
             chunks: tuple | None = None) -> zarr.Array:

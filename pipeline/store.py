@@ -50,6 +50,7 @@ from cosettle.core.errors import first_line
 from cosettle.core.provenance import environment, mismatches, now_utc
 
 from .backbones import ALL, BACKBONES, FINAL_NORM_KEY
+from .chunk_reads import DamagedChunk, read_rows
 from .quant import dequantize, quantize, scale_name
 from .store_settings import AUTOCAST_KEY, COMPRESSORS, LAYOUT_ARRAYS, ClipStoreSettings, StoreSettings
 
@@ -150,12 +151,11 @@ class FeatureStore:
         return dequantize(values, self._read_rows(scale_name(name), view, lo, hi))
 
     def _read_rows(self, name: str, view: int, lo: int, hi: int) -> np.ndarray:
-        arr = self.array(name)
         try:
-            return arr[view, lo:hi]
-        except (ValueError, RuntimeError, OSError) as e:  # zarr names the decode step that failed, not the file
-            key = arr.metadata.encode_chunk_key((view, lo // self.settings["chunk_videos"]) + (0,) * (arr.ndim - 2))
-            raise StoreError(f"{self.path / name / key}: damaged chunk, cannot be read ({first_line(e)}); "
+            return read_rows(self.array(name), (view,), lo, hi)
+        except DamagedChunk as d:
+            where = self.path / name / d.key if d.key else self.path / name
+            raise StoreError(f"{where}: damaged chunk, cannot be read ({first_line(d.error)}); "
                              "extract the store again") from None
 
     def write_block(self, block: int, tokens: dict[str, np.ndarray], valid: np.ndarray, manifest: pa.Table) -> None:
