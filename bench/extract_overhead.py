@@ -2,9 +2,10 @@
 
 Both are measured in one run on the same synthetic videos and the same sampled views: the
 end-to-end run decodes, transforms, runs the backbone and writes the store; the pure run only
-runs the backbone on the already prepared images, in the same batches, once before and once after the
-end-to-end run (the faster counts: other load on the machine only inflates times). Target: ratio <= 1.05
-(issue; was 1.2).
+runs the backbone on the already prepared images, in the same batches. The two alternate,
+``--repeats`` end-to-end runs (each into a new store) and one more pure run than that, and the
+fastest of each counts: other load on the machine only inflates times, by up to 10-30% on a shared
+2-core VM, so a single pair cannot resolve a 5% overhead. Target: ratio <= 1.05 (issue; was 1.2).
 
 With ``--weights file`` (the default) the extraction loads a release file, as a real one does: the
 seed-0 random weights written in the backbone's release layout (not for TorchScript releases: CLIP).
@@ -116,12 +117,13 @@ def compare_amp(amp: str, bb, cfg: ExtractConfig, images, offsets, per_block: in
 @click.option("--size", default=(256, 340), type=(int, int), help="Frame height and width.")
 @click.option("--batch-size", default=16)
 @click.option("--workers", default=1)
+@click.option("--repeats", default=3, help="End-to-end runs (alternating with pure ones); the fastest counts.")
 @click.option("--device", default="auto")
 @click.option("--weights", "weights_mode", type=click.Choice(["file", "random"]), default="file",
               help="Extract from a release file of the random weights, or from the random initialisation.")
 @click.option("--amp-compare", type=click.Choice(["bf16", "fp16", "none"]), default="bf16",
               help="Autocast whose speed and tokens are compared with float32 (none: no comparison).")
-def main(backbone, count, views, frames, size, batch_size, workers, device, weights_mode, amp_compare) -> None:
+def main(backbone, count, views, frames, size, batch_size, workers, repeats, device, weights_mode, amp_compare) -> None:
     device = resolve_device(device)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -152,19 +154,22 @@ def main(backbone, count, views, frames, size, batch_size, workers, device, weig
         digest = sha256_file(Path(weights)) if weights_mode == "file" else None
         sha = time.perf_counter() - t0
 
-        t0, c0 = time.perf_counter(), cpu_seconds()
-        extract(cfg)
-        sync(device)
-        end_to_end, end_to_end_cpu = time.perf_counter() - t0, cpu_seconds() - c0
-        pure = min(before, timed_blocks(forward, images, offsets, per_block, device)[0])
-        c0 = cpu_seconds()
-        timed_blocks(forward, images, offsets, per_block, device)
-        pure_cpu = cpu_seconds() - c0
+        pures, pure_cpus, runs, run_cpus = [before], [], [], []
+        for r in range(repeats):
+            t0, c0 = time.perf_counter(), cpu_seconds()
+            extract(replace(cfg, out=tmp / f"bench{r}.zarr"))
+            sync(device)
+            runs.append(time.perf_counter() - t0)
+            run_cpus.append(cpu_seconds() - c0)
+            c0 = cpu_seconds()
+            pures.append(timed_blocks(forward, images, offsets, per_block, device)[0])
+            pure_cpus.append(cpu_seconds() - c0)
+        pure, end_to_end, pure_cpu, end_to_end_cpu = min(pures), min(runs), min(pure_cpus), min(run_cpus)
 
     n_images = 3 * count * views
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
           f"backbone {backbone}, {count} videos x {views} views = {n_images} forward images, batch {batch_size}, "
-          f"weights {weights_mode}")
+          f"weights {weights_mode}, best of {repeats} end-to-end and {repeats + 1} pure runs")
     print(f"pure forward : {pure:8.2f} s  {n_images / pure:8.1f} images/s")
     print(f"end to end   : {end_to_end:8.2f} s  {n_images / end_to_end:8.1f} images/s "
           f"(decode + transform + forward + write)")
@@ -173,6 +178,8 @@ def main(backbone, count, views, frames, size, batch_size, workers, device, weig
           + (f"; of which file sha256 {sha:.2f} s)" if digest else ")"))
     print(f"overhead ratio (end to end / pure forward): {end_to_end / pure:.3f}  (target <= 1.05); "
           f"without the start-up {(end_to_end - startup) / pure:.3f}")
+    print("each run      : " + ", ".join(f"{t:.2f}" for t in runs) + " s end to end; "
+          + ", ".join(f"{t:.2f}" for t in pures) + " s pure")
     print(f"CPU seconds  : pure forward {pure_cpu:.2f}, end to end {end_to_end_cpu:.2f} (workers included); "
           f"CPU overhead ratio {end_to_end_cpu / pure_cpu:.3f}")
     if amp_compare != "none":

@@ -96,24 +96,9 @@ class ClipsLayout:
     def dataset(self, root: Path, todo: list[tuple[int, str]]) -> Dataset:
         return VideoClips(root, todo, self.cfg, self.backbone.image_size, self.params)
 
-    def block_arrays(self, items: list[dict], forward, rows: int, lo: int) -> dict[str, np.ndarray]:
-        """``tokens`` [K, rows, 2, T, L, D'] and ``labels`` [K, rows, 6] of a block (zeros and -1 for
-        skipped videos)."""
-        k, t = self.cfg.views, self.cfg.clip_frames
-        shape = (2, t, len(self.levels), self.dim)
-        out = {"tokens": np.zeros((k, rows) + shape, dtype=self.cfg.array_dtype),
-               "labels": np.full((k, rows, len(LABELS)), -1, dtype=np.int16)}
-        good = [it for it in items if it["error"] is None]
-        if not good:
-            return out
-        images = torch.cat([it["images"] for it in good])  # [G*K, 2, T, 3, S, S]
-        vectors = forward.map_batches(
-            lambda x, _: self.backbone.level_vectors(x, self.levels, self.cfg.pooling), images.flatten(0, 2)
-        ).reshape((len(good), k) + shape)
-        cols = [it["video_index"] - lo for it in good]
-        out["tokens"][:, cols] = vectors.swapaxes(0, 1)
-        out["labels"][:, cols] = np.array([[p.labels for p in it["pairs"]] for it in good], dtype=np.int16).swapaxes(0, 1)
-        return out
+    def block(self, forward, rows: int, lo: int) -> ClipsBlock:
+        """An empty block of ``rows`` videos from ``lo`` on, to ``add`` decoded videos to."""
+        return ClipsBlock(self, forward, rows, lo)
 
     def manifest(self, items: list[dict], statuses: list[str]) -> pa.Table:
         rows = []
@@ -125,3 +110,33 @@ class ClipsLayout:
                 row.update(pairs[j].as_row() if pairs else dict.fromkeys(CLIP_MANIFEST_SCHEMA.names[5:]))
                 rows.append(row)
         return pa.Table.from_pylist(rows, schema=CLIP_MANIFEST_SCHEMA)
+
+
+class ClipsBlock:
+    """A block's ``tokens`` [K, rows, 2, T, L, D'] and ``labels`` [K, rows, 6], filled video by video
+    (zeros and -1 for skipped videos); batches run as the videos arrive (``extract.BatchStream``)."""
+
+    def __init__(self, layout: ClipsLayout, forward, rows: int, lo: int):
+        self.layout, self.rows, self.lo = layout, rows, lo
+        self.vectors = forward.stream(lambda x, _: layout.backbone.level_vectors(x, layout.levels, layout.cfg.pooling))
+        self.cols: list[int] = []
+        self.labels: list[list[tuple]] = []
+
+    def add(self, item: dict) -> None:
+        if item["error"] is not None:
+            return
+        self.cols.append(item["video_index"] - self.lo)
+        self.labels.append([p.labels for p in item["pairs"]])
+        self.vectors.push(item["images"].flatten(0, 2))  # [K*2*T, 3, S, S]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        cfg, k = self.layout.cfg, self.layout.cfg.views
+        shape = (2, cfg.clip_frames, len(self.layout.levels), self.layout.dim)
+        out = {"tokens": np.zeros((k, self.rows) + shape, dtype=cfg.array_dtype),
+               "labels": np.full((k, self.rows, len(LABELS)), -1, dtype=np.int16)}
+        if not self.cols:
+            return out
+        vectors = self.vectors.finish().reshape((len(self.cols), k) + shape)
+        out["tokens"][:, self.cols] = vectors.swapaxes(0, 1)
+        out["labels"][:, self.cols] = np.array(self.labels, dtype=np.int16).swapaxes(0, 1)
+        return out

@@ -95,16 +95,23 @@ def _probe(layout, root: Path, videos: list[str]) -> tuple[dict | None, float, s
     return None, 0.0, error
 
 
+def _block_of(layout, forward: BlockForward, item: dict, copies: int) -> dict:
+    """The arrays of a one-row block that ``item`` was added to ``copies`` times (a batch's worth)."""
+    block = layout.block(forward, 1, item["video_index"])
+    for _ in range(copies):
+        block.add(item)
+    return block.arrays()
+
+
 def _forward_seconds(layout, forward: BlockForward, item: dict, cfg: ExtractConfig) -> tuple[float, int]:
     """Seconds of backbone work per video: copies of ``item`` enough to fill a batch (at most a block,
     the unit extraction batches within), run through the layout's own block computation after one
     warm-up (CUDA context, kernel selection)."""
     per_video = math.prod(item["images"].shape[:-3])
     copies = min(cfg.chunk_videos, -(-cfg.batch_size // per_video))
-    lo = item["video_index"]
-    layout.block_arrays([item], forward, 1, lo)
+    _block_of(layout, forward, item, 1)
     t0 = time.perf_counter()
-    layout.block_arrays([item] * copies, forward, 1, lo)  # returns numpy: the device has finished
+    _block_of(layout, forward, item, copies)  # returns numpy: the device has finished
     return (time.perf_counter() - t0) / copies, copies
 
 

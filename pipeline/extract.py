@@ -1,8 +1,8 @@
 """Stage one: run a frozen backbone over sampled views of every video and fill a feature store.
 
 Decoding and the view transforms run in DataLoader workers, the forward pass in the main process
-(batched, under the ``--amp`` autocast, ``cosettle.core.precision``), and block writes in a background
-thread, so the three overlap.
+(batched, under the ``--amp`` autocast, ``cosettle.core.precision``; a batch runs as soon as the
+videos decoded so far fill it), and block writes in a background thread, so the three overlap.
 Work is split into blocks of ``chunk_videos`` videos; shard i of n owns blocks c with c % n == i.
 
 What is sampled and stored is a *layout*: ``ViewsLayout`` here (Co-Settle's frame pairs, arrays
@@ -33,8 +33,8 @@ from .transforms import apply_view
 from .videos import VideoError, discover_videos, open_video
 from .views import CROP_RATIO, CROP_SCALE, View, sample_views, video_rng
 
-__all__ = ["BlockForward", "ExtractConfig", "MANIFEST_SCHEMA", "VideoViews", "ViewsLayout",
-           "extract", "store_settings"]
+__all__ = ["BatchStream", "BlockForward", "ExtractConfig", "MANIFEST_SCHEMA", "VideoViews", "ViewsBlock",
+           "ViewsLayout", "extract", "store_settings"]
 
 
 class VideoViews(Dataset):
@@ -88,7 +88,7 @@ MANIFEST_SCHEMA = pa.schema([
 
 
 class BlockForward:
-    """Runs the backbone over a block's images in fixed-size batches."""
+    """Runs the backbone in fixed-size batches (under the autocast), in the store dtype."""
 
     def __init__(self, backbone: Backbone, cfg: ExtractConfig, device: torch.device):
         self.backbone, self.cfg, self.device = backbone, cfg, device
@@ -96,37 +96,96 @@ class BlockForward:
 
     def __call__(self, images: torch.Tensor, offsets: torch.Tensor | None) -> np.ndarray:
         """Patch tokens [N, T, D] of images [N, 3, S, S], asymmetric offsets [N, 2] or None."""
-        return self.map_batches(
-            lambda x, off: self.backbone.patch_features(x, asy_offset=off, asy_ratio=self.cfg.asy_ratio), images, offsets
-        )
+        return self.map_batches(self.patch_tokens, images, offsets)
+
+    def patch_tokens(self, images: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
+        """One batch's patch tokens (asymmetric where ``offsets`` are given)."""
+        return self.backbone.patch_features(images, asy_offset=offsets, asy_ratio=self.cfg.asy_ratio)
 
     def map_batches(self, fn, images: torch.Tensor, extra: torch.Tensor | None = None) -> np.ndarray:
-        """``fn(batch, extra rows or None)`` over batches of images (under the autocast), in the store dtype."""
-        out = []
-        for s in range(0, len(images), self.cfg.batch_size):
-            x = images[s : s + self.cfg.batch_size].to(self.device, non_blocking=True)
-            e = None if extra is None else extra[s : s + self.cfg.batch_size]
-            with autocast(self.amp, self.device):
-                f = fn(x, e)
-            out.append(f.to(getattr(torch, self.cfg.array_dtype)).cpu())
-        return torch.cat(out).numpy()
+        """``fn(batch, extra rows or None)`` over batches of all ``images`` at once."""
+        stream = self.stream(fn)
+        stream.push(images, extra)
+        return stream.finish()
+
+    def stream(self, fn) -> BatchStream:
+        """A ``BatchStream`` running ``fn`` on this device."""
+        return BatchStream(self, fn)
+
+    def run(self, fn, images: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+        """``fn`` on one batch, under the autocast, back on the CPU in the store dtype."""
+        with autocast(self.amp, self.device):
+            out = fn(images.to(self.device, non_blocking=True), extra)
+        return out.to(getattr(torch, self.cfg.array_dtype)).cpu()
 
 
-def _block_tokens(items: list[dict], forward: BlockForward, k: int, rows: int, lo: int, shape: tuple, dtype: str):
-    """Tokens [K, rows, T, D] for A, B and A_asy of the good videos of a block."""
-    tokens = {name: np.zeros((k, rows) + shape, dtype=dtype) for name in TOKEN_ARRAYS}
-    good = [it for it in items if it["error"] is None]
-    if not good:
+class BatchStream:
+    """``fn`` over batches of images pushed a few at a time, each batch run as soon as it is full.
+
+    The batches are those of the concatenation of everything pushed, cut every ``batch_size`` rows,
+    so outputs do not depend on how the images arrived; videos are pushed as they are decoded, so the
+    forward starts on the first full batch instead of after a whole block.
+    """
+
+    def __init__(self, forward: BlockForward, fn):
+        self.forward, self.fn = forward, fn
+        self.images: list[torch.Tensor] = []
+        self.extra: list[torch.Tensor | None] = []
+        self.queued = 0
+        self.out: list[torch.Tensor] = []
+
+    def push(self, images: torch.Tensor, extra: torch.Tensor | None = None) -> None:
+        """Queue images (and their ``extra`` rows); run every batch that is now full."""
+        self.images.append(images)
+        self.extra.append(extra)
+        self.queued += len(images)
+        while self.queued >= self.forward.cfg.batch_size:
+            self._run(self.forward.cfg.batch_size)
+
+    def finish(self) -> np.ndarray:
+        """Run what is left; every output in push order."""
+        if self.queued:
+            self._run(self.queued)
+        return torch.cat(self.out).numpy() if self.out else np.zeros((0,))
+
+    def _run(self, n: int) -> None:
+        images = torch.cat(self.images)
+        extra = None if self.extra[0] is None else torch.cat(self.extra)
+        self.out.append(self.forward.run(self.fn, images[:n], None if extra is None else extra[:n]))
+        self.queued -= n
+        self.images = [images[n:]] if self.queued else []
+        self.extra = [None if extra is None else extra[n:]] if self.queued else []
+
+
+class ViewsBlock:
+    """A block's A, B and A_asy tokens [K, rows, T, D], filled video by video (zeros for skipped ones)."""
+
+    def __init__(self, layout: ViewsLayout, forward: BlockForward, rows: int, lo: int):
+        self.layout, self.rows, self.lo = layout, rows, lo
+        self.ab = forward.stream(forward.patch_tokens)  # frames a and b of every view
+        self.asy = forward.stream(forward.patch_tokens)  # frame a with its asymmetric offset
+        self.cols: list[int] = []
+
+    def add(self, item: dict) -> None:
+        if item["error"] is not None:
+            return
+        self.cols.append(item["video_index"] - self.lo)
+        self.ab.push(item["images"].flatten(0, 1))  # [K*2, 3, S, S]
+        self.asy.push(item["images"][:, 0], torch.tensor([[v.asy_oy, v.asy_ox] for v in item["views"]]))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        bb, k = self.layout.backbone, self.layout.cfg.views
+        shape = (bb.grid * bb.grid, bb.dim)
+        tokens = {name: np.zeros((k, self.rows) + shape, dtype=self.layout.cfg.array_dtype) for name in TOKEN_ARRAYS}
+        if not self.cols:
+            return tokens
+        g = len(self.cols)
+        ab = self.ab.finish().reshape((g, k, 2) + shape)
+        asy = self.asy.finish().reshape((g, k) + shape)
+        tokens["a"][:, self.cols] = ab[:, :, 0].swapaxes(0, 1)
+        tokens["b"][:, self.cols] = ab[:, :, 1].swapaxes(0, 1)
+        tokens["a_asy"][:, self.cols] = asy.swapaxes(0, 1)
         return tokens
-    images = torch.cat([it["images"] for it in good])  # [G*K, 2, 3, S, S]
-    offsets = torch.tensor([[v.asy_oy, v.asy_ox] for it in good for v in it["views"]])
-    ab = forward(images.flatten(0, 1), None).reshape((len(good), k, 2) + shape)
-    asy = forward(images[:, 0], offsets).reshape((len(good), k) + shape)
-    cols = [it["video_index"] - lo for it in good]
-    tokens["a"][:, cols] = ab[:, :, 0].swapaxes(0, 1)
-    tokens["b"][:, cols] = ab[:, :, 1].swapaxes(0, 1)
-    tokens["a_asy"][:, cols] = asy.swapaxes(0, 1)
-    return tokens
 
 
 def store_settings(cfg: ExtractConfig, backbone: Backbone, videos: list[str],
@@ -157,9 +216,9 @@ class ViewsLayout:
     def dataset(self, root: Path, todo: list[tuple[int, str]]) -> Dataset:
         return VideoViews(root, todo, self.cfg, self.backbone.image_size, self.backbone.grid)
 
-    def block_arrays(self, items: list[dict], forward: BlockForward, rows: int, lo: int) -> dict[str, np.ndarray]:
-        shape = (self.backbone.grid * self.backbone.grid, self.backbone.dim)
-        return _block_tokens(items, forward, self.cfg.views, rows, lo, shape, self.cfg.array_dtype)
+    def block(self, forward: BlockForward, rows: int, lo: int) -> ViewsBlock:
+        """An empty block of ``rows`` videos from ``lo`` on, to ``add`` decoded videos to."""
+        return ViewsBlock(self, forward, rows, lo)
 
     def manifest(self, items: list[dict], statuses: list[str]) -> pa.Table:
         rows = [r for it, status in zip(items, statuses) for r in _manifest_rows(it, self.cfg.views, status)]
@@ -203,14 +262,15 @@ def extract(cfg: ExtractConfig) -> FeatureStore:
         stream = iter(loader)
         for c in blocks:
             lo, hi = store.block_rows(c)
-            items = []
+            block, items = layout.block(forward, hi - lo, lo), []
             for _ in range(hi - lo):
                 item = next(stream)
                 if item["error"] is not None:
                     skipped += 1
                     bar.write(f"warning: skipped {item['error']}")
-                items.append(item)
-            arrays = layout.block_arrays(items, forward, hi - lo, lo)
+                block.add(item)  # runs every batch this video completes
+                items.append(dict(item, images=None))  # pixels are queued in the block now
+            arrays = block.arrays()
             bar.update(hi - lo)  # after the forward pass, so videos/s and the ETA count finished work
             valid = np.array([it["error"] is None for it in items])
             manifest = layout.manifest(items, ["ok" if it["error"] is None else f"skipped: {it['error']}"
