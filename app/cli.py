@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from cosettle.core.heap import heap_reuse
 from cosettle.pipeline.concepts import ConceptError, build_concepts
 from cosettle.pipeline.text_tower import TextTowerError
 
@@ -18,6 +19,7 @@ from .report import report
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """cosettle: image-pretrained ViTs to video representations (Co-Settle, CVPR 2026)."""
+    heap_reuse()  # the demo and sweeps run every stage here: see cosettle.core.heap
 
 
 @main.command()

@@ -22,7 +22,7 @@ from cosettle.pipeline.videos import VideoError
 from .sweep_file import Sweep, parse_sweep
 from .sweep_plan import Plan, output_of, plan_sweep
 from .sweep_slurm import SlurmSettings, job_script, slurm_cluster
-from .sweep_tasks import RUN, SweepError
+from .sweep_tasks import RUN, HeapReuse, SweepError
 from .sweep_toml import SweepFileError
 
 
@@ -46,6 +46,7 @@ def execute(plan: Plan, client, echo: Callable[[str], None] = print, gpu: bool |
     """Submit the jobs not done yet, dependencies as futures, and wait for all of them; ``gpu``:
     whether every task asks for one GPU (None: when the cluster's workers advertise GPUs)."""
     resources = _gpu_resources(client) if gpu is None else {"GPU": 1} if gpu else None
+    client.register_plugin(HeapReuse())
     token = uuid.uuid4().hex[:8]
     futures, owner = {}, {}
     for job in plan.todo:

@@ -10,10 +10,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from distributed import get_worker
+from distributed import WorkerPlugin, get_worker
 
 from cosettle.core.atomic import write_json
 from cosettle.core.devices import resolve_device
+from cosettle.core.heap import heap_reuse
 from cosettle.core.provenance import mismatches, now_utc, package_version
 from cosettle.eval.task import discover
 from cosettle.pipeline import extract as extract_stage
@@ -26,6 +27,13 @@ from .sweep_plan import EvalJob, ExtractJob, TrainJob
 
 class SweepError(Exception):
     """A sweep that could not finish; the message lists the failed tasks."""
+
+
+class HeapReuse(WorkerPlugin):
+    """Every worker, including those that join later, reuses freed memory (``cosettle.core.heap``)."""
+
+    def setup(self, worker) -> None:
+        heap_reuse()
 
 
 def _where() -> dict:

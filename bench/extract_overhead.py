@@ -34,8 +34,10 @@ from pathlib import Path
 
 import click
 import torch
+from new_process import in_new_interpreter
 
 from cosettle.core.devices import resolve_device
+from cosettle.core.heap import heap_reuse
 from cosettle.core.precision import resolve_amp
 from cosettle.core.provenance import sha256_file
 from cosettle.pipeline.backbones import get_spec, load_backbone
@@ -88,6 +90,21 @@ def timed_blocks(forward: BlockForward, images: torch.Tensor, offsets: torch.Ten
     return time.perf_counter() - t0, torch.cat(out).float()
 
 
+def fresh_extract(cfg: ExtractConfig, reuse: bool) -> tuple[float, int]:
+    """``extract(cfg)`` in this (new) process, as cosettle-extract runs it: its seconds and page faults.
+
+    The imports are done before the clock starts (interpreter start-up, not extraction); nothing is
+    warmed up. ``reuse``: call ``heap_reuse`` first, as the CLI does; otherwise glibc's own policy."""
+    import timm  # noqa: F401  the model build imports it lazily
+
+    if reuse:
+        heap_reuse()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t0 = time.perf_counter()
+    extract(cfg)
+    return time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+
+
 def compare_amp(amp: str, bb, cfg: ExtractConfig, images, offsets, per_block: int, device: torch.device) -> str:
     """One line: float32 over ``amp`` pure-forward time, and the difference of their tokens."""
     try:
@@ -125,6 +142,7 @@ def compare_amp(amp: str, bb, cfg: ExtractConfig, images, offsets, per_block: in
               help="Autocast whose speed and tokens are compared with float32 (none: no comparison).")
 def main(backbone, count, views, frames, size, batch_size, workers, repeats, device, weights_mode, amp_compare) -> None:
     device = resolve_device(device)
+    heap_reuse()  # as cosettle-extract does: both runs below reuse freed activations
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         make_videos(tmp / "videos", count, frames, *size)
@@ -165,6 +183,12 @@ def main(backbone, count, views, frames, size, batch_size, workers, repeats, dev
             pures.append(timed_blocks(forward, images, offsets, per_block, device)[0])
             pure_cpus.append(cpu_seconds() - c0)
         pure, end_to_end, pure_cpu, end_to_end_cpu = min(pures), min(runs), min(pure_cpus), min(run_cpus)
+        fresh = {True: [], False: []}  # new processes, heap reuse on and off in turn
+        for r in range(repeats):
+            for reuse in fresh:
+                run = replace(cfg, out=tmp / f"fresh{r}{reuse}.zarr")
+                fresh[reuse].append(in_new_interpreter("extract_overhead", "fresh_extract", (run, reuse), tmp))
+        (new_reuse, faults_reuse), (new_glibc, faults_glibc) = min(fresh[True]), min(fresh[False])
 
     n_images = 3 * count * views
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
@@ -182,6 +206,9 @@ def main(backbone, count, views, frames, size, batch_size, workers, repeats, dev
           + ", ".join(f"{t:.2f}" for t in pures) + " s pure")
     print(f"CPU seconds  : pure forward {pure_cpu:.2f}, end to end {end_to_end_cpu:.2f} (workers included); "
           f"CPU overhead ratio {end_to_end_cpu / pure_cpu:.3f}")
+    print(f"new process  : {new_reuse:8.2f} s end to end reusing the heap ({faults_reuse} page faults), "
+          f"{new_glibc:.2f} s with glibc's policy ({faults_glibc}): speed ratio {new_glibc / new_reuse:.3f}; "
+          f"end to end / pure forward {new_reuse / pure:.3f} (cold: first-touch memory, lazy kernels)")
     if amp_compare != "none":
         print(compare_amp(amp_compare, bb, cfg, images, offsets, per_block, device))
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from cosettle.core.heap import heap_reuse
 from cosettle.eval.cli_options import CONTEXT
 from cosettle.eval.task import discover
 
@@ -23,3 +24,4 @@ class TaskGroup(click.Group):
 def main() -> None:
     """Evaluate frozen backbones and trained runs: frame-level (label propagation, analysis) and
     video-level (action recognition) tasks."""
+    heap_reuse()  # frames of one size: reuse freed affinities instead of page-faulting them in again

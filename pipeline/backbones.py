@@ -22,6 +22,7 @@ unchanged), and a store or cache made with another rule is refused, never mixed.
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -359,10 +360,14 @@ def load_backbone(name: str, weights: str | Path, device: str | torch.device = "
         path = Path(weights)
         if not path.is_file():
             raise CheckpointError(f"{path}: no such weights file (pass --weights random for random weights)")
-        # Built on the meta device: no random initialisation of weights the file replaces right after.
-        model = create_model(name, arch, meta=True)
-        if _outside_state_dict(model):  # a tensor the file cannot set: build it for real, as before
-            model = create_model(name, arch)
-        load_strict(model, read_state_dict(path, spec.checkpoint, model), path, name)
-        label, digest = path.name, sha256_file(path)
+        # The file is hashed while it is parsed (hashlib and file reads release the GIL): the
+        # start-up is one pass over it, not two in turn.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            digest = pool.submit(sha256_file, path)
+            # Built on the meta device: no random initialisation of weights the file replaces right after.
+            model = create_model(name, arch, meta=True)
+            if _outside_state_dict(model):  # a tensor the file cannot set: build it for real, as before
+                model = create_model(name, arch)
+            load_strict(model, read_state_dict(path, spec.checkpoint, model), path, name)
+            label, digest = path.name, digest.result()
     return Backbone(spec, model, label, digest).to(device)

@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from cosettle.core.atomic import WriteError
+from cosettle.core.heap import heap_reuse
 from cosettle.core.precision import AMP_CHOICES
 
 from .arch_option import arch_option
@@ -105,6 +106,7 @@ def main(ctx: click.Context, dry_run: bool, **kw) -> None:
     A Parquet manifest of every sampled view or pair is written beside the store (NAME.manifest/).
     """
     check_layout_options(ctx, kw)
+    heap_reuse()  # batches of one size: reuse freed activations instead of page-faulting them in again
     try:
         if dry_run:
             lines, warning = dry_run_report(ExtractConfig(**kw))

@@ -8,6 +8,7 @@ from typing import Callable
 import click
 
 from cosettle.core.atomic import WriteError
+from cosettle.core.heap import heap_reuse
 from cosettle.pipeline.store import StoreError
 
 from .compiled import CompileError
@@ -64,6 +65,7 @@ def main(**options) -> None:
         cfg.validate()
     except ValueError as e:
         raise click.UsageError(str(e)) from None
+    heap_reuse()  # steps of one shape: reuse freed activations instead of page-faulting them in again
     try:
         summary = train(cfg)
     except (StoreError, RunError, TrainingError, ProjectionError, WriteError, CompileError) as e:
