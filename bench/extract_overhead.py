@@ -20,6 +20,12 @@ On a shared machine wall times swing with the other load, so the CPU seconds of 
 process's threads plus its finished children, the DataLoader workers) are reported beside them:
 their ratio is the overhead a machine whose cores the forward keeps busy would see.
 
+This process calls ``heap_reuse`` first, as cosettle-extract does, so both runs reuse freed memory.
+The end-to-end runs above share this warm process (kernels initialised, heap grown); a CLI run
+starts cold. So ``--repeats`` more end-to-end runs go to new interpreters (imports done before the
+clock), alternately with ``heap_reuse`` and with glibc's own policy: their time, page faults and
+speed ratio, and their time over the warm pure forward.
+
     python bench/extract_overhead.py                 # ViT-B/16, CPU
     python bench/extract_overhead.py --weights random
     python bench/extract_overhead.py --device cuda --videos 256 --batch-size 256
