@@ -3,7 +3,7 @@
 glibc's malloc serves every block over 32 MB (the ceiling of its adaptive threshold) with a fresh
 ``mmap`` and returns it with ``munmap`` when freed. A ViT-B/16 forward of 16 images allocates 24 such
 blocks (the MLP's [16, 197, 3072] float32 hidden and its GELU), so every batch page-faults about
-1 GB back in: 200-300k faults per batch (``bench/extract_overhead.py``). With ``mmap`` off and no
+1 GB back in: 200-300k faults per batch (``bench/heap_policy.py``). With ``mmap`` off and no
 trimming, freed blocks go back to the heap and the next batch reuses them. PyTorch's CPU tuning
 guide answers the same problem with a preloaded jemalloc or tcmalloc; on glibc two ``mallopt``
 calls do it. The cost: the process keeps its peak heap until it exits, which for a loop over

@@ -130,14 +130,15 @@ class BatchStream:
     def __init__(self, forward: BlockForward, fn):
         self.forward, self.fn = forward, fn
         self.images: list[torch.Tensor] = []
-        self.extra: list[torch.Tensor | None] = []
+        self.extra: list[torch.Tensor] = []  # rows pushed with the images, or none at all
         self.queued = 0
         self.out: list[torch.Tensor] = []
 
     def push(self, images: torch.Tensor, extra: torch.Tensor | None = None) -> None:
         """Queue images (and their ``extra`` rows); run every batch that is now full."""
         self.images.append(images)
-        self.extra.append(extra)
+        if extra is not None:
+            self.extra.append(extra)
         self.queued += len(images)
         while self.queued >= self.forward.cfg.batch_size:
             self._run(self.forward.cfg.batch_size)
@@ -149,12 +150,25 @@ class BatchStream:
         return torch.cat(self.out).numpy() if self.out else np.zeros((0,))
 
     def _run(self, n: int) -> None:
-        images = torch.cat(self.images)
-        extra = None if self.extra[0] is None else torch.cat(self.extra)
-        self.out.append(self.forward.run(self.fn, images[:n], None if extra is None else extra[:n]))
+        images, self.images = _take(self.images, n)
+        extra, self.extra = _take(self.extra, n) if self.extra else (None, [])
+        self.out.append(self.forward.run(self.fn, images, extra))
         self.queued -= n
-        self.images = [images[n:]] if self.queued else []
-        self.extra = [None if extra is None else extra[n:]] if self.queued else []
+
+
+def _take(parts: list[torch.Tensor], n: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The first ``n`` rows of the parts' concatenation, and the parts after them (views: only the
+    rows of a batch that spans several parts are copied, so one large push costs no copies)."""
+    taken, cut = [], 0
+    while cut < len(parts) and n >= len(parts[cut]):
+        n -= len(parts[cut])
+        taken.append(parts[cut])
+        cut += 1
+    rest = parts[cut:]
+    if n:
+        taken.append(rest[0][:n])
+        rest[0] = rest[0][n:]
+    return (taken[0] if len(taken) == 1 else torch.cat(taken)), rest
 
 
 class ViewsBlock:

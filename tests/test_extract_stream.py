@@ -64,6 +64,18 @@ def test_batches_run_when_full_and_outputs_do_not_depend_on_arrival(tmp_path):
     assert forward.stream(fn).finish().shape == (0,)  # nothing pushed
 
 
+def test_one_large_push_runs_its_batches_on_views_without_copies(tmp_path):
+    bb = load_backbone("dino_vitb", "random", arch=TINY)
+    forward = BlockForward(bb, config(tmp_path, tmp_path / "x.zarr"), torch.device("cpu"))
+    x = torch.randn(10, 3, 2, 2)
+    starts = []
+    stream = forward.stream(lambda batch, _: starts.append(batch.data_ptr()) or batch.sum(dim=(1, 2, 3)))
+    stream.push(x)
+    stream.finish()
+    row = x[1].numel() * x.element_size()
+    assert starts == [x.data_ptr() + i * row for i in (0, 4, 8)]  # batches of 4, 4, 2 inside x itself
+
+
 def test_first_batch_runs_before_the_last_video_is_decoded(videos, tmp_path, monkeypatch):
     events = []
     decode, patch_features = VideoViews.__getitem__, Backbone.patch_features
