@@ -131,15 +131,18 @@ class BatchStream:
         self.forward, self.fn = forward, fn
         self.images: list[torch.Tensor] = []
         self.extra: list[torch.Tensor] = []  # rows pushed with the images, or none at all
-        self.queued = 0
         self.out: list[torch.Tensor] = []
+
+    @property
+    def queued(self) -> int:
+        """Images pushed and not yet run."""
+        return sum(len(part) for part in self.images)
 
     def push(self, images: torch.Tensor, extra: torch.Tensor | None = None) -> None:
         """Queue images (and their ``extra`` rows); run every batch that is now full."""
         self.images.append(images)
         if extra is not None:
             self.extra.append(extra)
-        self.queued += len(images)
         while self.queued >= self.forward.cfg.batch_size:
             self._run(self.forward.cfg.batch_size)
 
@@ -153,7 +156,6 @@ class BatchStream:
         images, self.images = _take(self.images, n)
         extra, self.extra = _take(self.extra, n) if self.extra else (None, [])
         self.out.append(self.forward.run(self.fn, images, extra))
-        self.queued -= n
 
 
 def _take(parts: list[torch.Tensor], n: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
