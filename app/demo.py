@@ -107,7 +107,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     store = out / "features.zarr"
     extract(ExtractConfig(videos=videos, out=store, backbone=cfg.backbone, weights="random", views=cfg.views,
                           seed=cfg.seed, device=cfg.device, resume=True, arch=cfg.arch, chunk_videos=8,
-                          batch_size=16, workers=1))
+                          batch_size=16))
     run = out / "runs" / "cosettle"
     train(TrainConfig(features=(str(store),), out=str(run), epochs=cfg.epochs, batch_size=cfg.batch_size,
                       blr=cfg.blr, seed=cfg.seed, device=cfg.device, resume=True))

@@ -53,7 +53,7 @@ from .sweep_toml import Key, Reader, open_toml
 # Options the sweep sets itself (paths, resuming) and so never takes from the file.
 EXTRACT_FIXED = {"videos", "out", "backbone", "weights", "root", "shard", "resume", "overwrite", "arch", "device",
                  "layout", "plan"}  # layout and plan follow from each setting's objective
-EXTRACT_TYPES = {"levels": (list,)}  # where the default (None: the last block) does not tell
+EXTRACT_TYPES = {"levels": (list,), "workers": (int,)}  # where the default (None) does not tell
 TRAIN_FIXED = {"features", "out", "device", "resume", "overwrite", "max_steps"}
 DEVICES = ("auto", "cpu", "cuda")
 

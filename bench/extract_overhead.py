@@ -18,7 +18,9 @@ and with that autocast (float32 store dtype), and reports the speed ratio and th
 
 On a shared machine wall times swing with the other load, so the CPU seconds of both runs (this
 process's threads plus its finished children, the DataLoader workers) are reported beside them:
-their ratio is the overhead a machine whose cores the forward keeps busy would see.
+their ratio is the overhead a machine whose cores the forward keeps busy would see. On a CPU the
+forward needs every core, so the other work (start-up with the weights' sha256, decoding, views)
+cannot hide behind it: the *work floor* line is the lowest ratio those CPU seconds allow.
 
 This process calls ``heap_reuse`` first, as cosettle-extract does, so both runs reuse freed memory.
 The end-to-end runs above share this warm process (kernels initialised, heap grown); a CLI run
@@ -32,6 +34,7 @@ speed ratio, and their time over the warm pure forward.
 """
 from __future__ import annotations
 
+import os
 import resource
 import tempfile
 import time
@@ -48,6 +51,7 @@ from cosettle.core.precision import resolve_amp
 from cosettle.core.provenance import sha256_file
 from cosettle.pipeline.backbones import get_spec, load_backbone
 from cosettle.pipeline.extract import BlockForward, ExtractConfig, VideoViews, extract
+from cosettle.pipeline.extract_config import CUDA_WORKERS, decode_workers
 from cosettle.pipeline.synthetic import moving_scene, write_frame_folder, write_video_file
 from cosettle.pipeline.videos import discover_videos
 
@@ -111,6 +115,20 @@ def fresh_extract(cfg: ExtractConfig, reuse: bool) -> tuple[float, int]:
     return time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
 
+def work_floor(pure: float, pure_cpu: float, extra_cpu: float) -> str:
+    """One line: the lowest overhead ratio this CPU allows, from the work besides the forward.
+
+    The pure forward keeps a share ``busy`` of the cores for ``pure`` seconds; the start-up and the
+    decoding add ``extra_cpu`` core-seconds that must run somewhere, so end to end takes at least
+    ``pure * busy + extra_cpu / cores`` (and never less than ``pure``), however well the rest
+    overlaps. The store write is left out, so this is a lower bound."""
+    cores = len(os.sched_getaffinity(0))
+    busy = min(1.0, pure_cpu / (cores * pure))
+    floor = max(1.0, busy + extra_cpu / (cores * pure))
+    return (f"work floor   : {floor:.3f} = the forward's {busy:.0%} of {cores} cores + {extra_cpu:.2f} CPU s "
+            f"(start-up + decode + views) / ({cores} cores x {pure:.2f} s): the lowest ratio this machine allows")
+
+
 def compare_amp(amp: str, bb, cfg: ExtractConfig, images, offsets, per_block: int, device: torch.device) -> str:
     """One line: float32 over ``amp`` pure-forward time, and the difference of their tokens."""
     try:
@@ -139,7 +157,8 @@ def compare_amp(amp: str, bb, cfg: ExtractConfig, images, offsets, per_block: in
 @click.option("--frames", default=40, help="Frames per video.")
 @click.option("--size", default=(256, 340), type=(int, int), help="Frame height and width.")
 @click.option("--batch-size", default=16)
-@click.option("--workers", default=1)
+@click.option("--workers", type=int, default=None,
+              help="Decoding workers (default: as cosettle-extract, decode_workers: none on the CPU, 2 on CUDA).")
 @click.option("--repeats", default=3, help="End-to-end runs (alternating with pure ones); the fastest counts.")
 @click.option("--device", default="auto")
 @click.option("--weights", "weights_mode", type=click.Choice(["file", "random"]), default="file",
@@ -157,11 +176,13 @@ def main(backbone, count, views, frames, size, batch_size, workers, repeats, dev
         cfg = ExtractConfig(videos=tmp / "videos", out=tmp / "bench.zarr", backbone=backbone, weights=weights,
                             views=views, batch_size=batch_size, device=str(device), workers=workers,
                             chunk_videos=min(16, count))
+        chosen = decode_workers(cfg, device.type)
+        other = 0 if chosen else CUDA_WORKERS
         forward = BlockForward(bb, cfg, device)
         root, rel = discover_videos(cfg.videos)
-        t0 = time.perf_counter()  # decoding and the view transforms alone, in this process
+        t0, c0 = time.perf_counter(), time.process_time()  # decoding and the view transforms alone, in this process
         items = list(VideoViews(root, list(enumerate(rel)), cfg, bb.image_size, bb.grid))
-        decode = time.perf_counter() - t0
+        decode, decode_cpu = time.perf_counter() - t0, time.process_time() - c0
         images = torch.cat([it["images"] for it in items])
         offsets = torch.tensor([[v.asy_oy, v.asy_ox] for it in items for v in it["views"]])
         forward(images[:batch_size].flatten(0, 1), None)  # warm-up (cuDNN, allocator)
@@ -170,15 +191,15 @@ def main(backbone, count, views, frames, size, batch_size, workers, repeats, dev
         per_block = cfg.chunk_videos * views
         before, _ = timed_blocks(forward, images, offsets, per_block, device)
 
-        t0 = time.perf_counter()  # start-up alone, as extract() does it: build + load (+ file sha256)
+        t0, c0 = time.perf_counter(), time.process_time()  # start-up alone, as extract() does it: build + load (+ sha256)
         load_backbone(backbone, weights, device=device)
         sync(device)
-        startup = time.perf_counter() - t0
+        startup, startup_cpu = time.perf_counter() - t0, time.process_time() - c0
         t0 = time.perf_counter()
         digest = sha256_file(Path(weights)) if weights_mode == "file" else None
         sha = time.perf_counter() - t0
 
-        pures, pure_cpus, runs, run_cpus = [before], [], [], []
+        pures, pure_cpus, runs, run_cpus, others = [before], [], [], [], []
         for r in range(repeats):
             t0, c0 = time.perf_counter(), cpu_seconds()
             extract(replace(cfg, out=tmp / f"bench{r}.zarr"))
@@ -188,13 +209,20 @@ def main(backbone, count, views, frames, size, batch_size, workers, repeats, dev
             c0 = cpu_seconds()
             pures.append(timed_blocks(forward, images, offsets, per_block, device)[0])
             pure_cpus.append(cpu_seconds() - c0)
+            t0 = time.perf_counter()  # the other choice of decoding workers, in this warm process too
+            extract(replace(cfg, out=tmp / f"other{r}.zarr", workers=other))
+            sync(device)
+            others.append(time.perf_counter() - t0)
         pure, end_to_end, pure_cpu, end_to_end_cpu = min(pures), min(runs), min(pure_cpus), min(run_cpus)
-        fresh = {True: [], False: []}  # new processes, heap reuse on and off in turn
+        # New processes in turn: heap reuse on and off, and heap reuse with the other choice of decoding
+        # (workers if the run decodes in turn with the forward, in turn if it has workers).
+        arms = {"reuse": (cfg, True), "glibc": (cfg, False), "other": (replace(cfg, workers=other), True)}
+        fresh = {name: [] for name in arms}
         for r in range(repeats):
-            for reuse in fresh:
-                run = replace(cfg, out=tmp / f"fresh{r}{reuse}.zarr")
-                fresh[reuse].append(in_new_interpreter("extract_overhead", "fresh_extract", (run, reuse), tmp))
-        (new_reuse, faults_reuse), (new_glibc, faults_glibc) = min(fresh[True]), min(fresh[False])
+            for name, (run, reuse) in arms.items():
+                run = replace(run, out=tmp / f"fresh{r}{name}.zarr")
+                fresh[name].append(in_new_interpreter("extract_overhead", "fresh_extract", (run, reuse), tmp))
+        (new_reuse, faults_reuse), (new_glibc, faults_glibc), (new_other, _) = (min(fresh[n]) for n in arms)
 
     n_images = 3 * count * views
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
@@ -203,7 +231,8 @@ def main(backbone, count, views, frames, size, batch_size, workers, repeats, dev
     print(f"pure forward : {pure:8.2f} s  {n_images / pure:8.1f} images/s")
     print(f"end to end   : {end_to_end:8.2f} s  {n_images / end_to_end:8.1f} images/s "
           f"(decode + transform + forward + write)")
-    print(f"decode+views : {decode:8.2f} s  (alone, one process; in the run a DataLoader worker does it)")
+    print(f"decode+views : {decode:8.2f} s  (alone, one process; in the run "
+          + ("DataLoader workers do it)" if chosen else "the main process does it in turn with the forward)"))
     print(f"start-up     : {startup:8.2f} s  (model build + load, weights {weights_mode}"
           + (f"; of which file sha256 {sha:.2f} s)" if digest else ")"))
     print(f"overhead ratio (end to end / pure forward): {end_to_end / pure:.3f}  (target <= 1.05); "
@@ -212,9 +241,14 @@ def main(backbone, count, views, frames, size, batch_size, workers, repeats, dev
           + ", ".join(f"{t:.2f}" for t in pures) + " s pure")
     print(f"CPU seconds  : pure forward {pure_cpu:.2f}, end to end {end_to_end_cpu:.2f} (workers included); "
           f"CPU overhead ratio {end_to_end_cpu / pure_cpu:.3f}")
+    if device.type == "cpu":
+        print(work_floor(pure, pure_cpu, startup_cpu + decode_cpu))
     print(f"new process  : {new_reuse:8.2f} s end to end reusing the heap ({faults_reuse} page faults), "
           f"{new_glibc:.2f} s with glibc's policy ({faults_glibc}): speed ratio {new_glibc / new_reuse:.3f}; "
           f"end to end / pure forward {new_reuse / pure:.3f} (cold: first-touch memory, lazy kernels)")
+    print(f"decoding     : {chosen} worker(s) (this run's) vs {other}: in this process {end_to_end:.2f} vs "
+          f"{min(others):.2f} s ({min(others) / end_to_end:.3f}x); in new processes {new_reuse:.2f} vs "
+          f"{new_other:.2f} s ({new_other / new_reuse:.3f}x)")
     if amp_compare != "none":
         print(compare_amp(amp_compare, bb, cfg, images, offsets, per_block, device))
 

@@ -72,7 +72,9 @@ def check_layout_options(ctx: click.Context, kw: dict) -> None:
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--amp", default="auto", type=click.Choice(AMP_CHOICES),
               help="Backbone autocast: auto = bf16 on CUDA, none (float32) on CPU; bf16 on CPU needs AVX512-BF16/AMX.")
-@click.option("--workers", default=2, type=click.IntRange(min=0), help="DataLoader decoding workers.")
+@click.option("--workers", type=click.IntRange(min=0),
+              help="DataLoader decoding workers [default: 2 on CUDA; 0 on the CPU, where the forward uses every "
+                   "core and decoding runs in turn with it].")
 @click.option("--shard", default="0/1", callback=parse_shard, help="Fill shard i of n (whole chunks, no locks).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted store, skipping finished blocks.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing store at --out and rebuild it.")

@@ -19,7 +19,7 @@ from cosettle.core.devices import resolve_device
 
 from .backbones import load_backbone
 from .extract import BlockForward, make_layout
-from .extract_config import ExtractConfig, check_config
+from .extract_config import ExtractConfig, check_config, decode_workers
 from .store import declared_arrays
 from .videos import discover_videos
 
@@ -122,16 +122,17 @@ def time_lines(cfg: ExtractConfig, layout, forward: BlockForward, root: Path, vi
     if item is None:
         return [f"time      not estimated: none of the first {min(PROBES, len(videos))} videos decodes ({error})"]
     fwd, copies = _forward_seconds(layout, forward, item, cfg)
-    computing, decoding = todo * fwd, todo * decode / max(1, cfg.workers)
+    workers = decode_workers(cfg, forward.device.type)
+    computing, decoding = todo * fwd, todo * decode / max(1, workers)
     # decoding runs in DataLoader workers beside the forward passes; without workers it runs in turn
-    total = max(computing, decoding) if cfg.workers else computing + decoding
-    rule = f"max of the two (decoding in {cfg.workers} worker(s) overlaps the forward)" if cfg.workers else \
-        "their sum (--workers 0: decoding and forward alternate)"
+    total = max(computing, decoding) if workers else computing + decoding
+    rule = f"max of the two (decoding in {workers} worker(s) overlaps the forward)" if workers else \
+        "their sum (no decoding workers: decoding and forward alternate)"
     return [
         f"time      about {duration(total)} for {todo:,} videos on {forward.device}; start-up and writing not counted",
         f"          forward {fwd:.3f} s/video x {todo:,} = {duration(computing)} (timed: {copies} cop"
         f"{'y' if copies == 1 else 'ies'} of {item['video']}, batch {cfg.batch_size}, after a warm-up)",
-        f"          decode  {decode:.3f} s/video x {todo:,} / {max(1, cfg.workers)} = {duration(decoding)} "
+        f"          decode  {decode:.3f} s/video x {todo:,} / {max(1, workers)} = {duration(decoding)} "
         f"(timed on {item['video']}); estimate: {rule}",
     ]
 

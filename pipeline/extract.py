@@ -1,8 +1,9 @@
 """Stage one: run a frozen backbone over sampled views of every video and fill a feature store.
 
-Decoding and the view transforms run in DataLoader workers, the forward pass in the main process
-(batched, under the ``--amp`` autocast, ``cosettle.core.precision``; a batch runs as soon as the
-videos decoded so far fill it), and block writes in a background thread, so the three overlap.
+Decoding and the view transforms run in DataLoader workers (on CUDA; on the CPU, where the forward
+uses every core, in turn with it: ``decode_workers``), the forward pass in the main process (batched,
+under the ``--amp`` autocast, ``cosettle.core.precision``; a batch runs as soon as the videos decoded
+so far fill it), and block writes in a background thread.
 Work is split into blocks of ``chunk_videos`` videos; shard i of n owns blocks c with c % n == i.
 
 What is sampled and stored is a *layout*: ``ViewsLayout`` here (Co-Settle's frame pairs, arrays
@@ -26,7 +27,7 @@ from cosettle.core.precision import autocast, recorded_amp, resolve_amp
 
 from .backbones import Backbone, load_backbone
 from .clip_extract import ClipsLayout
-from .extract_config import ExtractConfig, check_config
+from .extract_config import ExtractConfig, check_config, decode_workers
 from .store import FeatureStore, create_or_open
 from .store_settings import TOKEN_ARRAYS, StoreSettings, videos_digest
 from .transforms import apply_view
@@ -266,9 +267,10 @@ def extract(cfg: ExtractConfig) -> FeatureStore:
         store.mark_complete_if_done()
         return store
 
+    workers = decode_workers(cfg, device.type)
     loader = DataLoader(
         layout.dataset(root, todo), batch_size=None, shuffle=False,
-        num_workers=cfg.workers, pin_memory=device.type == "cuda", prefetch_factor=layout.prefetch if cfg.workers else None,
+        num_workers=workers, pin_memory=device.type == "cuda", prefetch_factor=layout.prefetch if workers else None,
     )
     forward = BlockForward(backbone, cfg, device)
     skipped = 0

@@ -32,7 +32,7 @@ class ExtractConfig:
     batch_size: int = 64
     device: str = "auto"
     amp: str = "auto"  # cosettle.core.precision: bf16 on CUDA, float32 on CPU
-    workers: int = 2
+    workers: int | None = None  # DataLoader decoding workers; None: decode_workers picks for the device
     shard: tuple[int, int] = (0, 1)
     resume: bool = False
     overwrite: bool = False
@@ -54,6 +54,21 @@ class ExtractConfig:
     def array_dtype(self) -> str:
         """The dtype of a block's tokens in memory: float32 for an int8 store (the store quantises), else ``dtype``."""
         return "float32" if self.dtype == INT8 else self.dtype
+
+
+CUDA_WORKERS = 2
+
+
+def decode_workers(cfg: ExtractConfig, device_type: str) -> int:
+    """DataLoader decoding workers of a run: ``cfg.workers``, or by default 2 on CUDA and none on the CPU.
+
+    On the CPU the forward's threads already keep every core busy. A worker process decoding beside
+    them holds up both forward threads at every synchronisation point, and in a long-lived process (a
+    sweep worker) its fork makes the parent copy each heap page it writes afterwards; decoding in turn
+    with the forward costs only the decoding (``bench/extract_overhead.py`` compares the two)."""
+    if cfg.workers is not None:
+        return cfg.workers
+    return CUDA_WORKERS if device_type == "cuda" else 0
 
 
 def check_config(cfg: ExtractConfig) -> None:

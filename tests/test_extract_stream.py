@@ -1,13 +1,18 @@
 """Extraction forwards each batch as soon as the decoded videos fill it, with the same batches and
 tokens as a forward over the whole block at once."""
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
+from cosettle.pipeline import cli
+from cosettle.pipeline import extract as extract_module
 from cosettle.pipeline.backbones import Backbone, load_backbone
 from cosettle.pipeline.extract import BlockForward, ExtractConfig, VideoViews, extract
+from cosettle.pipeline.extract_config import CUDA_WORKERS, decode_workers
 from cosettle.pipeline.store import open_store
 from cosettle.pipeline.synthetic import moving_scene, write_frame_folder, write_video_file
 from cosettle.pipeline.videos import discover_videos
@@ -107,3 +112,40 @@ def test_tokens_equal_one_forward_over_the_whole_block_in_float32(videos, tmp_pa
     expected = {"a": ab[:, :, 0], "b": ab[:, :, 1], "a_asy": asy.reshape(5, 3, *asy.shape[1:])}
     for name, want in expected.items():
         np.testing.assert_array_equal(store.array(name)[:], want.swapaxes(0, 1).numpy(), err_msg=name)
+
+
+def test_decoding_workers_follow_the_device(videos, tmp_path):
+    cfg = config(videos, tmp_path / "x.zarr")
+    auto = replace(cfg, workers=None)
+    assert decode_workers(auto, "cpu") == 0  # the forward's threads use every core: decode in turn
+    assert decode_workers(auto, "cuda") == CUDA_WORKERS == 2
+    assert decode_workers(replace(cfg, workers=3), "cpu") == decode_workers(replace(cfg, workers=3), "cuda") == 3
+
+
+def test_decoding_in_workers_or_in_turn_writes_the_same_store(videos, tmp_path, monkeypatch):
+    """By default on the CPU the DataLoader has no workers; with --workers it has them, and the
+    decoded pixels, hence the float32 tokens and the manifests, are the same either way."""
+    asked = []
+
+    class Spy(extract_module.DataLoader):
+        def __init__(self, *args, num_workers: int = 0, **kw):
+            asked.append(num_workers)
+            super().__init__(*args, num_workers=num_workers, **kw)
+
+    monkeypatch.setattr(extract_module, "DataLoader", Spy)
+    in_turn = open_store(extract(replace(config(videos, tmp_path / "turn.zarr"), workers=None)).path)
+    in_workers = open_store(extract(replace(config(videos, tmp_path / "workers.zarr"), workers=2)).path)
+    assert asked == [0, 2]
+    for name in ("a", "b", "a_asy", "valid"):
+        np.testing.assert_array_equal(in_turn.array(name)[:], in_workers.array(name)[:], err_msg=name)
+    assert in_turn.manifest().equals(in_workers.manifest())
+
+
+def test_cli_leaves_the_workers_to_the_device(videos, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(cli, "extract", seen.append)
+    base = ["--backbone", "dino_vitb", "--weights", "random", "--videos", str(videos), "--out", str(tmp_path / "c.zarr")]
+    for extra, workers in (([], None), (["--workers", "3"], 3)):
+        res = CliRunner().invoke(cli.main, base + extra)
+        assert res.exit_code == 0, res.output
+        assert seen.pop().workers == workers
