@@ -63,7 +63,7 @@ def decode_workers(cfg: ExtractConfig, device_type: str) -> int:
     """DataLoader decoding workers of a run: ``cfg.workers``, or by default 2 on CUDA and none on the CPU.
 
     On the CPU the forward's threads already keep every core busy. A worker process decoding beside
-    them holds up both forward threads at every synchronisation point, and in a long-lived process (a
+    them holds up all of the forward's threads at every synchronisation point, and in a long-lived process (a
     sweep worker) its fork makes the parent copy each heap page it writes afterwards; decoding in turn
     with the forward costs only the decoding (``bench/extract_overhead.py`` compares the two)."""
     if cfg.workers is not None:
